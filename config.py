@@ -1,0 +1,130 @@
+# coding: utf8
+"""All options of the project, in one place.
+
+Every attribute of DefaultConfig is an option: `python main.py train --lr=1e-3`
+overrides `lr`. The comment after each one is its help text (`python main.py help`).
+"""
+import difflib
+import inspect
+import re
+import warnings
+
+import torch
+
+from utils.errors import UserError
+
+
+class ConfigError(UserError):
+    """A bad command-line option."""
+
+
+class DefaultConfig:
+    env = 'default'  # Visdom environment (one tab per experiment)
+    vis = True  # plot to Visdom; False turns it off
+    vis_server = 'http://localhost'  # Visdom server address
+    vis_port = 8097  # Visdom server port
+    model = 'ResNet34'  # model class in models/ (ResNet34, SmallResNet, AlexNet, SqueezeNet, ResNet18)
+    pretrained = True  # ImageNet weights for the models that have them (SqueezeNet, ResNet18)
+
+    train_data_root = './data/train'  # Kaggle train/ folder (cat.N.jpg, dog.N.jpg) or cat/ and dog/ subfolders
+    test_data_root = './data/test1'  # Kaggle test1/ folder (N.jpg)
+    load_model_path = None  # checkpoint to start from (train), or to evaluate (val, test)
+    checkpoint_dir = 'checkpoints'  # where train writes <model>_last.pth and <model>_best.pth
+
+    image_size = 224  # side of the square image the model sees, in pixels
+    val_ratio = 0.3  # share of each class held out for validation
+    seed = 100  # seeds the train/val split and the weight initialisation
+
+    batch_size = 32  # images per batch
+    use_gpu = torch.cuda.is_available()  # train on the GPU (default: when one is present)
+    num_workers = 2  # data-loading processes
+    print_freq = 20  # log the running loss every N batches
+
+    debug_file = '/tmp/debug'  # while this file exists, drop into the debugger
+    result_file = 'result.csv'  # where test writes id,label (label = probability of dog)
+
+    max_epoch = 10  # number of training epochs
+    optimizer = 'adam'  # adam or sgd
+    lr = 0.001  # initial learning rate
+    momentum = 0.9  # SGD momentum (sgd only)
+    lr_decay = 0.95  # when an epoch's loss rises, lr = lr * lr_decay
+    weight_decay = 0e-5  # L2 penalty
+
+    def _parse(self, kwargs, verbose=True):
+        """Apply command-line overrides, checking names and types; print the result."""
+        for raw_key, value in kwargs.items():
+            key = raw_key.replace('-', '_')
+            if key.startswith('_') or not hasattr(DefaultConfig, key):
+                raise ConfigError(unknown_option_message(key))
+            setattr(self, key, coerce(key, value, getattr(DefaultConfig, key)))
+        if self.optimizer not in ('adam', 'sgd'):
+            raise ConfigError(f"--optimizer must be adam or sgd, not {self.optimizer!r}")
+        if not 0 < self.val_ratio < 1:
+            raise ConfigError(f"--val_ratio must lie between 0 and 1, not {self.val_ratio}")
+        for key in ('batch_size', 'image_size', 'max_epoch', 'print_freq'):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"--{key} must be at least 1, not {getattr(self, key)}")
+        if self.use_gpu and not torch.cuda.is_available():
+            warnings.warn('--use_gpu=True but no GPU is available: running on the CPU')
+            self.use_gpu = False
+        if verbose:
+            print('user config:')
+            for key, value in self.to_dict().items():
+                print(f'    {key} = {value!r}')
+        return self
+
+    def to_dict(self):
+        return {key: getattr(self, key) for key in option_names()}
+
+    @property
+    def device(self):
+        return torch.device('cuda' if self.use_gpu else 'cpu')
+
+
+def option_names():
+    return [k for k, v in vars(DefaultConfig).items()
+            if not k.startswith('_') and not callable(v) and not isinstance(v, property)]
+
+
+def unknown_option_message(key):
+    close = difflib.get_close_matches(key, option_names(), n=1, cutoff=0.5)
+    hint = f'; did you mean {close[0]}?' if close else '; `python main.py help` lists the options'
+    return f'unknown option {key}{hint}'
+
+
+def coerce(key, value, default):
+    """Convert a value given on the command line to the type of the option's default."""
+    if default is None or value is None:
+        return value
+    kind = type(default)
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if str(value).lower() in ('true', '1', 'yes'):
+            return True
+        if str(value).lower() in ('false', '0', 'no'):
+            return False
+    elif kind is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    elif kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif kind is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    raise ConfigError(f'option {key} expects {kind.__name__} (default {default!r}), got {value!r}')
+
+
+def option_help():
+    """(name, default, meaning) for every option, read from the comments above."""
+    rows = []
+    for line in inspect.getsource(DefaultConfig).splitlines():
+        match = re.match(r'\s{4}(\w+) = (.+?)\s+# (.+)$', line)
+        if match and match.group(1) in option_names():
+            name = match.group(1)
+            rows.append((name, getattr(DefaultConfig, name), match.group(3)))
+    return rows
+

@@ -1,0 +1,189 @@
+# coding: utf8
+"""The Kaggle Dogs vs. Cats images as a PyTorch Dataset.
+
+Two layouts are understood for labelled data:
+    root/cat.0.jpg, root/dog.0.jpg, ...   (Kaggle's train/, label from the file name)
+    root/cat/*.jpg, root/dog/*.jpg         (one folder per class, label from the folder)
+and for test data the Kaggle test1/ folder: root/1.jpg, root/2.jpg, ...
+"""
+import os
+import re
+import warnings
+from collections import namedtuple
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils import data
+from torchvision import transforms as T
+
+from utils.errors import UserError
+
+CLASSES = ('cat', 'dog')  # label 0 = cat, 1 = dog
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp', '.tif', '.tiff')
+LABELLED_NAME = re.compile(r'^(cat|dog)\.\d+\.[A-Za-z]+$', re.IGNORECASE)
+TEST_NAME = re.compile(r'^(\d+)\.[A-Za-z]+$')
+
+GET_DATA_HINT = ('Download the Kaggle "Dogs vs. Cats" data '
+                 '(https://www.kaggle.com/c/dogs-vs-cats/data), unzip train.zip and test1.zip '
+                 'into ./data/ (or pass --train_data_root / --test_data_root), '
+                 'or try `python main.py demo` on generated images.')
+
+# A sample that could not be decoded: the collate function drops it and reports it.
+Skipped = namedtuple('Skipped', 'path reason')
+
+
+class DataError(UserError):
+    pass
+
+
+def visible_files(root):
+    """Names in root, without hidden files such as .DS_Store."""
+    if not os.path.isdir(root):
+        raise DataError(f'data folder {root!r} does not exist. {GET_DATA_HINT}')
+    names = sorted(n for n in os.listdir(root) if not n.startswith('.'))
+    if not names:
+        raise DataError(f'data folder {root!r} is empty. {GET_DATA_HINT}')
+    return names
+
+
+def list_labelled_images(root):
+    """[(path, label)] for the Kaggle train layout or the cat/ dog/ folder layout."""
+    names = visible_files(root)
+    class_dirs = [c for c in CLASSES if os.path.isdir(os.path.join(root, c))]
+    if class_dirs:
+        samples = []
+        for label, name in enumerate(CLASSES):
+            folder = os.path.join(root, name)
+            if os.path.isdir(folder):
+                samples += [(os.path.join(folder, f), label) for f in visible_files(folder)
+                            if f.lower().endswith(IMAGE_EXTENSIONS)]
+        return samples
+    bad = [n for n in names if not LABELLED_NAME.match(n)]
+    if bad:
+        raise DataError(
+            f'{len(bad)} file(s) in {root!r} are not named like cat.N.jpg / dog.N.jpg '
+            f'(and there are no cat/ and dog/ subfolders): {", ".join(bad[:5])}'
+            f'{" ..." if len(bad) > 5 else ""}. Rename or remove them, or sort the images '
+            f'into {root}/cat/ and {root}/dog/.')
+    return [(os.path.join(root, n), CLASSES.index(n.split('.')[0].lower())) for n in names]
+
+
+def list_test_images(root):
+    """[(path, id)] for the Kaggle test1 layout, sorted by the numeric id."""
+    names = visible_files(root)
+    bad = [n for n in names if not TEST_NAME.match(n)]
+    if bad:
+        raise DataError(f'{len(bad)} file(s) in {root!r} are not named like N.jpg '
+                        f'(N = the Kaggle image id): {", ".join(bad[:5])}'
+                        f'{" ..." if len(bad) > 5 else ""}. Rename or remove them.')
+    samples = [(os.path.join(root, n), int(TEST_NAME.match(n).group(1))) for n in names]
+    return sorted(samples, key=lambda s: s[1])
+
+
+def split_train_val(samples, val_ratio, seed):
+    """Seeded, stratified split: each class is shuffled and `val_ratio` of it held out.
+
+    The same seed gives the same split on every run and every process.
+    """
+    rng = np.random.RandomState(seed)
+    train, val = [], []
+    for label in range(len(CLASSES)):
+        members = sorted(s for s in samples if s[1] == label)
+        members = [members[i] for i in rng.permutation(len(members))]
+        n_val = int(round(len(members) * val_ratio))
+        val += members[:n_val]
+        train += members[n_val:]
+    return train, val
+
+
+def default_transforms(mode, image_size):
+    normalize = T.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    if mode == 'train':
+        return T.Compose([T.Resize(image_size), T.RandomResizedCrop(image_size),
+                          T.RandomHorizontalFlip(), T.ToTensor(), normalize])
+    return T.Compose([T.Resize(image_size), T.CenterCrop(image_size), T.ToTensor(), normalize])
+
+
+def load_rgb(path):
+    """Open any image PIL reads (grayscale, RGBA, palette, CMYK, ...) as RGB."""
+    with Image.open(path) as img:
+        if img.mode == 'P':  # palette images may carry transparency: go through RGBA
+            img = img.convert('RGBA')
+        return img.convert('RGB')
+
+
+class DogCat(data.Dataset):
+    def __init__(self, root, transforms=None, mode='train', val_ratio=0.3, seed=100,
+                 image_size=224):
+        if mode not in ('train', 'val', 'test'):
+            raise ValueError(f"mode must be 'train', 'val' or 'test', not {mode!r}")
+        self.mode = mode
+        if mode == 'test':
+            self.samples = list_test_images(root)
+        else:
+            samples = list_labelled_images(root)
+            found = {label for _, label in samples}
+            if found != {0, 1}:
+                only = CLASSES[found.pop()] if found else 'no'
+                raise DataError(f'{root!r} holds {only} images only: training needs both '
+                                f'cats and dogs. {GET_DATA_HINT}')
+            train, val = split_train_val(samples, val_ratio, seed)
+            self.samples = train if mode == 'train' else val
+        self.transforms = transforms or default_transforms(mode, image_size)
+
+    def __getitem__(self, index):
+        """(image tensor, label) in train/val mode, (image tensor, id) in test mode."""
+        path, target = self.samples[index]
+        try:
+            img = load_rgb(path)
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+            return Skipped(path, f'{type(exc).__name__}: {exc}')
+        return self.transforms(img), target
+
+    def __len__(self):
+        return len(self.samples)
+
+    @property
+    def labels(self):
+        return [target for _, target in self.samples]
+
+
+def collate_skipping_bad(batch):
+    """Stack the good samples; return (images, targets, skipped) where skipped lists
+    the files that could not be decoded. images is None when the whole batch is bad."""
+    skipped = [s for s in batch if isinstance(s, Skipped)]
+    good = [s for s in batch if not isinstance(s, Skipped)]
+    if not good:
+        return None, None, skipped
+    images = torch.stack([img for img, _ in good])
+    targets = torch.tensor([t for _, t in good])
+    return images, targets, skipped
+
+
+def build_loader(dataset, batch_size, shuffle, num_workers, use_gpu=False, seed=None):
+    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    return data.DataLoader(dataset, batch_size=batch_size, shuffle=shuffle,
+                           num_workers=num_workers, collate_fn=collate_skipping_bad,
+                           pin_memory=use_gpu, persistent_workers=num_workers > 0,
+                           generator=generator)
+
+
+class SkippedFiles:
+    """Warns once per undecodable file and counts them for the end-of-run summary."""
+
+    def __init__(self):
+        self.seen = {}
+
+    def add(self, skipped):
+        for path, reason in skipped:
+            if path not in self.seen:
+                self.seen[path] = reason
+                warnings.warn(f'skipping unreadable image {path} ({reason})')
+
+    def summary(self):
+        if self.seen:
+            return f'{len(self.seen)} unreadable image(s) were skipped: {", ".join(list(self.seen)[:5])}'
+        return ''

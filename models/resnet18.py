@@ -1,0 +1,20 @@
+# coding: utf8
+"""torchvision's ResNet18 with ImageNet weights, fine-tuned with a 2-class head."""
+from torch import nn
+from torchvision.models import ResNet18_Weights, resnet18
+
+from .basic_module import BasicModule, kaiming_init, torchvision_backbone
+
+
+class ResNet18(BasicModule):
+    def __init__(self, num_classes=2, pretrained=True):
+        super().__init__()
+        self.backbone = torchvision_backbone(resnet18, ResNet18_Weights.IMAGENET1K_V1, pretrained)
+        self.backbone.fc = nn.Linear(self.backbone.fc.in_features, num_classes)
+        kaiming_init(self.backbone.fc)
+
+    def forward(self, x):
+        return self.backbone(x)
+
+    def head(self):
+        return self.backbone.fc

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Create .venv/ and install requirements.txt (plus requirements-dev.txt with --dev).
+# Idempotent: reinstalls only when a requirements file changed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+files=(requirements.txt)
+[ "${1:-}" = "--dev" ] && files+=(requirements-dev.txt)
+python=${PYTHON:-python3}
+if ! command -v "$python" >/dev/null; then
+    echo "error: $python not found; install Python 3.10+ (e.g. apt-get install python3 python3-venv)" >&2
+    exit 1
+fi
+if [ ! -x .venv/bin/python ]; then
+    echo "creating .venv/ with $("$python" --version)"
+    "$python" -m venv .venv || {
+        echo "error: could not create .venv (Debian/Ubuntu: apt-get install python3-venv)" >&2; exit 1; }
+fi
+stamp=.venv/.installed-$(cat "${files[@]}" | sha256sum | cut -c1-16)
+if [ ! -f "$stamp" ]; then
+    echo "installing ${files[*]} into .venv/ (first run: a few minutes)"
+    # visdom 0.2.4 is an sdist whose setup.py needs pkg_resources (setuptools < 81):
+    # build it against the venv's own setuptools instead of an isolated new one.
+    .venv/bin/python -m pip install -q --upgrade pip 'setuptools<81' wheel
+    .venv/bin/python -m pip install -q --no-build-isolation $(printf -- '-r %s ' "${files[@]}")
+    rm -f .venv/.installed-*
+    touch "$stamp"
+fi
