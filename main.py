@@ -275,7 +275,7 @@ def demo(**kwargs):
         make_test_images(os.path.join(root, 'test1'), n=100)
     options = dict(train_data_root=os.path.join(root, 'train'),
                    test_data_root=os.path.join(root, 'test1'),
-                   model='SmallResNet', image_size=64, max_epoch=4, batch_size=32,
+                   model='SmallResNet', image_size=64, max_epoch=6, batch_size=32,
                    env='demo', checkpoint_dir=os.path.join(root, 'checkpoints'))
     options.update(kwargs)
     state = train(**options)

@@ -21,7 +21,7 @@ if [ ! -f "$stamp" ]; then
     echo "installing ${files[*]} into .venv/ (first run: a few minutes)"
     # visdom 0.2.4 is an sdist whose setup.py needs pkg_resources (setuptools < 81):
     # build it against the venv's own setuptools instead of an isolated new one.
-    .venv/bin/python -m pip install -q --upgrade pip 'setuptools<81' wheel
+    .venv/bin/python -m pip install -q 'setuptools<81' wheel
     .venv/bin/python -m pip install -q --no-build-isolation $(printf -- '-r %s ' "${files[@]}")
     rm -f .venv/.installed-*
     touch "$stamp"
