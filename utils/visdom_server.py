@@ -1,0 +1,114 @@
+# coding: utf8
+"""Start a local Visdom server when none answers, and stop only the one started here.
+
+    python -m utils.visdom_server python main.py demo [options]
+
+runs the command with a server on --vis_port (default 8097): `./run.sh` uses it.
+"""
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from urllib.parse import urlparse
+
+from utils.errors import UserError
+
+LOCAL_HOSTS = ('localhost', '127.0.0.1', '::1')
+
+
+def page_answers(port, host='localhost', timeout=1.0):
+    """True when a Visdom page is served on host:port."""
+    try:
+        with urllib.request.urlopen(f'http://{host}:{port}/', timeout=timeout) as reply:
+            return reply.status == 200
+    except OSError:
+        return False
+
+
+def start(port, env_path=None, log_path=None, bind_local=False, timeout=60):
+    """A `python -m visdom.server` process on `port`, returned once its page answers."""
+    from utils.visdom_assets import install
+    try:
+        install(quiet=True)  # without the assets the server goes to the CDNs at start
+    except UserError as exc:
+        print(f'warning: Visdom page assets not installed ({exc}); the server will try '
+              f'to download them', file=sys.stderr)
+    command = [sys.executable, '-m', 'visdom.server', '-port', str(port),
+               '-logging_level', 'WARNING']
+    if env_path:
+        command += ['-env_path', env_path]
+    if bind_local:
+        command.append('-bind_local')
+    log = open(log_path, 'ab') if log_path else subprocess.DEVNULL
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
+                               start_new_session=True)  # Ctrl-C goes to the run, not the server
+    deadline = time.monotonic() + timeout
+    while not page_answers(port):
+        if process.poll() is not None or time.monotonic() > deadline:
+            stop(process)
+            where = f'; its output is in {log_path}' if log_path else ''
+            raise UserError(f'the Visdom server on port {port} did not start{where}. '
+                            f'Try `python -m visdom.server -port {port}` to see why, '
+                            f'or pick a free port with --vis_port')
+        time.sleep(0.2)
+    return process
+
+
+def stop(process):
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def option(argv, name, default):
+    """The value of --name=value or --name value in a main.py command line."""
+    for i, arg in enumerate(argv):
+        for spelling in (f'--{name}', f'--{name.replace("_", "-")}'):
+            if arg.startswith(spelling + '='):
+                return arg.split('=', 1)[1]
+            if arg == spelling and i + 1 < len(argv):
+                return argv[i + 1]
+    return default
+
+
+def run_with_server(command):
+    """Run `command` (a main.py command line) with a Visdom server on its --vis_port;
+    start one when none answers and stop that one afterwards. Returns the exit status."""
+    from config import DefaultConfig
+    port = int(option(command, 'vis_port', DefaultConfig.vis_port))
+    host = urlparse(option(command, 'vis_server', DefaultConfig.vis_server)).hostname
+    vis = option(command, 'vis', 'True').lower() not in ('false', '0', 'no')
+    env = option(command, 'env', 'demo' if 'demo' in command else DefaultConfig.env)
+    process = None
+    if vis and host in LOCAL_HOSTS and not page_answers(port):
+        print(f'starting a Visdom server on port {port}')
+        process = start(port)
+    if vis:
+        print(f'Visdom plots: http://localhost:{port}/env/{env}')
+    try:
+        status = subprocess.call(command)
+        if process is not None and sys.stdin.isatty():
+            input(f'Visdom keeps showing the plots at http://localhost:{port}; '
+                  f'press Enter to stop the server ')
+    except KeyboardInterrupt:
+        status = 130
+    finally:
+        if process is not None:
+            stop(process)
+            print('Visdom server stopped')
+    return status
+
+
+if __name__ == '__main__':
+    if len(sys.argv) < 2:
+        sys.exit(__doc__)
+    try:
+        sys.exit(run_with_server(sys.argv[1:]))
+    except UserError as exc:
+        print(f'error: {exc}', file=sys.stderr)
+        sys.exit(2)
