@@ -23,8 +23,10 @@ class DefaultConfig:
     vis = True  # plot to Visdom; False turns it off
     vis_server = 'http://localhost'  # Visdom server address
     vis_port = 8097  # Visdom server port
-    model = 'ResNet34'  # model class in models/ (ResNet34, SmallResNet, AlexNet, SqueezeNet, ResNet18)
-    pretrained = True  # ImageNet weights for the models that have them (SqueezeNet, ResNet18)
+    model = 'ResNet34'  # model class in models/ (from scratch: ResNet34, SmallResNet, AlexNet; pretrained: SqueezeNet, ResNet18, ResNet34Pretrained, MobileNetV2, EfficientNetLite0)
+    pretrained = True  # ImageNet weights for the pretrained models; False trains them from scratch (Kaiming init)
+    weights = None  # local ImageNet state dict (.pth) for a pretrained model, instead of the download (offline machines, mirrors)
+    freeze = False  # train only the classifier of a pretrained model; its backbone stays fixed
 
     train_data_root = './data/train'  # Kaggle train/ folder (cat.N.jpg, dog.N.jpg) or cat/ and dog/ subfolders
     test_data_root = './data/test1'  # Kaggle test1/ folder (N.jpg)
@@ -32,6 +34,7 @@ class DefaultConfig:
     checkpoint_dir = 'checkpoints'  # where train writes <model>_last.pth and <model>_best.pth
 
     image_size = 224  # side of the square image the model sees, in pixels
+    augment = True  # random crops and flips on training images; False lets --freeze cache the backbone's features
     val_ratio = 0.3  # share of each class held out for validation
     seed = 100  # seeds the train/val split and the weight initialisation
 
@@ -42,10 +45,14 @@ class DefaultConfig:
 
     debug_file = '/tmp/debug'  # while this file exists, drop into the debugger
     result_file = 'result.csv'  # where test writes id,label (label = probability of dog)
+    img = None  # image for the features command
+    layers = None  # features: comma-separated layer names to show (default: the top-level ones)
 
     max_epoch = 10  # number of training epochs
     optimizer = 'adam'  # adam or sgd
     lr = 0.001  # initial learning rate
+    backbone_lr = None  # learning rate of a pretrained model's backbone (default: --lr)
+    classifier_lr = None  # learning rate of a pretrained model's classifier (default: --lr)
     momentum = 0.9  # SGD momentum (sgd only)
     lr_decay = 0.95  # when an epoch's loss rises, lr = lr * lr_decay
     weight_decay = 0e-5  # L2 penalty

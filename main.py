@@ -5,6 +5,7 @@
     python main.py val --load_model_path=checkpoints/ResNet34_best.pth
     python main.py test --load_model_path=checkpoints/ResNet34_best.pth
     python main.py demo        # generated images, no download needed
+    python main.py features --img=PATH [--layers=conv1,layer1] [--load_model_path=...]
     python main.py help
 """
 import csv
@@ -25,6 +26,8 @@ from data.synthetic import make_labelled_images, make_test_images
 from models import build_model
 from models.basic_module import atomic_save
 from utils.errors import UserError
+from utils.feature_cache import use_cached_features
+from utils.layer_report import describe_layers
 from utils.meters import ClassificationMeter
 
 
@@ -114,11 +117,13 @@ def format_epoch(epoch, lrs, train_meter, val_meter):
             f'val_logloss:{val_meter.log_loss:.4f}')
 
 
-def load_datasets(opt):
+def load_datasets(opt, model):
+    """Train and val splits, normalised with the model's own input constants."""
+    norm = dict(mean=model.input_mean, std=model.input_std)
     train_data = DogCat(opt.train_data_root, mode='train', val_ratio=opt.val_ratio,
-                        seed=opt.seed, image_size=opt.image_size)
+                        seed=opt.seed, image_size=opt.image_size, augment=opt.augment, **norm)
     val_data = DogCat(opt.train_data_root, mode='val', val_ratio=opt.val_ratio,
-                      seed=opt.seed, image_size=opt.image_size)
+                      seed=opt.seed, image_size=opt.image_size, **norm)
     return train_data, val_data
 
 
@@ -145,14 +150,15 @@ def train(**kwargs):
     opt = DefaultConfig()._parse(kwargs)
     torch.manual_seed(opt.seed)
     check_writable(opt.checkpoint_dir)
-    model = build_model(opt.model, opt.pretrained).to(opt.device)
-    train_data, val_data = load_datasets(opt)
+    model = build_model(opt.model, opt.pretrained, weights=opt.weights, freeze=opt.freeze).to(opt.device)
+    train_data, val_data = load_datasets(opt, model)
     train_loader = build_loader(train_data, opt.batch_size, True, opt.num_workers, opt.use_gpu, opt.seed)
     val_loader = build_loader(val_data, opt.batch_size, False, opt.num_workers, opt.use_gpu)
     print(f'{len(train_data)} training and {len(val_data)} validation images')
 
     criterion = nn.CrossEntropyLoss()
-    optimizer = model.get_optimizer(opt.lr, opt.weight_decay, opt.optimizer, opt.momentum)
+    optimizer = model.get_optimizer(opt.lr, opt.weight_decay, opt.optimizer, opt.momentum,
+                                    opt.backbone_lr, opt.classifier_lr)
     state = restore_training_state(model, optimizer, opt)
     if state['epoch'] >= opt.max_epoch:
         print(f'the checkpoint has trained {state["epoch"]} epochs already: '
@@ -161,6 +167,7 @@ def train(**kwargs):
     skipped = SkippedFiles()
     last_path = os.path.join(opt.checkpoint_dir, f'{model.model_name}_last.pth')
     best_path = os.path.join(opt.checkpoint_dir, f'{model.model_name}_best.pth')
+    model, train_loader, val_loader = use_cached_features(model, train_loader, val_loader, opt, skipped)
 
     for epoch in range(state['epoch'], opt.max_epoch):
         train_meter = train_one_epoch(model, train_loader, criterion, optimizer, opt, epoch,
@@ -221,7 +228,7 @@ def val(**kwargs):
     """Evaluate a checkpoint on the validation split: confusion matrix, accuracies, log loss."""
     opt = DefaultConfig()._parse(kwargs)
     model = load_trained_model(opt)
-    _, val_data = load_datasets(opt)
+    _, val_data = load_datasets(opt, model)
     skipped = SkippedFiles()
     meter = evaluate(model, build_loader(val_data, opt.batch_size, False, opt.num_workers,
                                          opt.use_gpu), opt, skipped)
@@ -240,7 +247,8 @@ def test(**kwargs):
     """Write opt.result_file: `id,label` per test image, label = probability of dog."""
     opt = DefaultConfig()._parse(kwargs)
     model = load_trained_model(opt).eval()
-    test_data = DogCat(opt.test_data_root, mode='test', image_size=opt.image_size)
+    test_data = DogCat(opt.test_data_root, mode='test', image_size=opt.image_size,
+                       mean=model.input_mean, std=model.input_std)
     loader = build_loader(test_data, opt.batch_size, False, opt.num_workers, opt.use_gpu)
     skipped = SkippedFiles()
     rows = []
@@ -292,7 +300,20 @@ def help():
         print(f'    --{name:<18} {default!r:<22} {meaning}')
 
 
-COMMANDS = {'train': train, 'val': val, 'test': test, 'demo': demo, 'help': help}
+def features(**kwargs):
+    """Per-layer output shape and statistics of --img through the configured model."""
+    opt = DefaultConfig()._parse(kwargs, verbose=False)
+    if not opt.img:
+        raise UserError('features needs an image: pass --img=PATH')
+    if opt.load_model_path:
+        model = load_trained_model(opt)
+    else:
+        model = build_model(opt.model, opt.pretrained, weights=opt.weights).to(opt.device)
+    print(describe_layers(model, opt.img, opt.layers, opt.image_size, opt.device))
+
+
+COMMANDS = {'train': train, 'val': val, 'test': test, 'demo': demo, 'features': features,
+            'help': help}
 
 
 def run(argv=None):

