@@ -127,7 +127,12 @@ def install(target=None, force=False, quiet=False):
     if visdom.__version__ != VISDOM_VERSION:
         print(f'warning: these assets are the ones visdom {VISDOM_VERSION} asks for; '
               f'visdom {visdom.__version__} is installed', file=sys.stderr)
-    if not os.access(target, os.W_OK):
+    try:
+        os.makedirs(static, exist_ok=True)
+        writable = os.access(static, os.W_OK)
+    except OSError:
+        writable = False
+    if not writable:
         raise UserError(f'cannot write to {static}: run `python main.py visdom_setup` as the '
                         f'user that installed visdom (or inside your virtualenv)')
     specs = sorted({spec for spec, _ in FILES.values()} | {MATHJAX})

@@ -1,0 +1,224 @@
+"""Visualizer and Visdom plumbing against real `python -m visdom.server` processes on
+free loopback ports: recording and replay without a server, a server that hangs or
+dies mid-run, warnings in the log pane, the offline assets and the run.sh wrapper."""
+import base64
+import io
+import json
+import os
+import signal
+import socket
+import sys
+import time
+import warnings
+from unittest import mock
+
+import numpy as np
+import pytest
+import requests
+import torch
+from PIL import Image
+
+import main
+from utils import visdom_assets, visdom_server
+from utils.errors import UserError
+from utils.visualize import Visualizer, captioned
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def start_server(tmp_path, port=None):
+    port = port or free_port()
+    process = visdom_server.start(port, env_path=str(tmp_path / f'envs{port}'), bind_local=True)
+    return port, process
+
+
+@pytest.fixture
+def server(tmp_path):
+    port, process = start_server(tmp_path)
+    yield port, process
+    visdom_server.stop(process)
+
+
+def windows(port, env):
+    """{window: its data} as the server holds it."""
+    reply = requests.post(f'http://localhost:{port}/win_data',
+                          data=json.dumps({'eid': env, 'win': None}), timeout=5)
+    if reply.status_code != 200:  # no such env yet
+        return {}
+    return {win: json.loads(data) if isinstance(data, str) else data
+            for win, data in reply.json().items()}
+
+
+def points(port, env, win):
+    """{line name: number of points} of a line chart on the server."""
+    data = windows(port, env).get(win)
+    return {t['name']: len(t['x']) for t in data['content']['data']} if data else {}
+
+
+def wait_for(condition, timeout=20):
+    deadline = time.monotonic() + timeout
+    while not (value := condition()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return value
+
+
+def test_no_server_warns_once_records_and_replays(tmp_path):
+    port = free_port()
+    record = tmp_path / 'run' / 'visdom.log'
+    with pytest.warns(UserWarning) as caught:
+        vis = Visualizer(env='rec', port=port, record_file=str(record))
+    assert len(caught) == 1
+    message = str(caught[0].message)
+    assert f'python -m visdom.server -port {port}' in message and str(record) in message
+    started = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')  # no further warning, and no traceback printed
+        for i in range(200):
+            vis.plot('train loss', 1.0 / (i + 1))
+        vis.plot_lines('accuracy', {'train': 60.0, 'val': 55.0})
+        vis.confusion('cm', np.array([[5, 1], [2, 4]]))
+    assert time.perf_counter() - started < 2.0
+    vis.close()
+    assert len(record.read_text().splitlines()) >= 204
+
+    with pytest.raises(UserError, match='no Visdom server'):
+        main.replay(str(record), vis_port=port)
+    with pytest.raises(UserError, match='no such recorded Visdom log'):
+        main.replay(str(tmp_path / 'missing.log'), vis_port=port)
+    port, process = start_server(tmp_path, port)
+    try:
+        main.replay(str(record), vis_port=port)
+        assert points(port, 'rec', 'train loss') == {'train loss': 200}
+        assert points(port, 'rec', 'accuracy') == {'train': 1, 'val': 1}
+        assert 'cm' in windows(port, 'rec')
+    finally:
+        visdom_server.stop(process)
+
+
+def test_hung_then_dead_server_costs_nothing_and_plotting_resumes(tmp_path, server):
+    port, process = server
+    vis = Visualizer(env='outage', port=port, retry_every=0.2)
+    for i in range(5):
+        vis.plot('loss', i)
+    vis.log('before the outage')
+    assert wait_for(lambda: points(port, 'outage', 'loss') == {'loss': 5})
+
+    process.send_signal(signal.SIGSTOP)  # accepts connections, never answers: timeouts
+    try:
+        started = time.perf_counter()
+        for i in range(5, 305):
+            vis.plot('loss', i)
+        elapsed = time.perf_counter() - started
+    finally:
+        process.send_signal(signal.SIGCONT)
+    assert elapsed < 1.0, f'300 plot calls took {elapsed:.2f}s with a hung server'
+
+    process.kill()  # gone: a new, empty server comes up on the same port
+    process.wait()
+    _, process = start_server(tmp_path, port)
+    try:
+        vis.plot('loss', 305)  # may come before the sender notices the server: then dropped
+        assert wait_for(lambda: (vis.catch_up(), points(port, 'outage', 'loss'))[1]
+                        == {'loss': 306}), points(port, 'outage', 'loss')
+        assert 'before the outage' in windows(port, 'outage')['log']['content']
+    finally:
+        vis.close()
+        visdom_server.stop(process)
+
+
+def test_warnings_reach_the_log_pane_until_close(tmp_path):
+    record = tmp_path / 'visdom.log'
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        vis = Visualizer(env='warn', port=free_port(), record_file=str(record))
+        warnings.warn('3 images could not be read <corrupt>')
+        vis.close()
+        warnings.warn('after close')
+    assert len(caught) == 3  # still shown as usual
+    texts = [msg['data'][0]['content'] for endpoint, msg in map(json.loads, record.open())
+             if msg['data'][0]['type'] == 'text']
+    assert 'warning: no Visdom server' in texts[-1]
+    assert 'warning: 3 images could not be read &lt;corrupt&gt;' in texts[-1]
+    assert 'after close' not in texts[-1]
+
+
+def test_image_grid_denormalises_and_captions_each_image(tmp_path):
+    mean, std = (0.5, 0.4, 0.3), (0.2, 0.2, 0.2)
+    pixels = torch.full((2, 3, 32, 32), 0.25)
+    pixels[:, :, :16] = 0.75
+    normalised = (pixels - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    record = tmp_path / 'visdom.log'
+    with pytest.warns(UserWarning):
+        vis = Visualizer(env='grid', port=free_port(), record_file=str(record))
+    vis.img_grid('batch', normalised, ['cat', 'dog'], mean=mean, std=std)
+    vis.close()
+    endpoint, msg = json.loads(record.read_text().splitlines()[-1])
+    content = msg['data'][0]['content']
+    assert msg['win'] == 'batch' and content['caption'] == '1 cat, 1 dog'
+    png = base64.b64decode(content['src'].split(',', 1)[1])
+    grid = np.asarray(Image.open(io.BytesIO(png)))
+    corner = 3  # visdom's grid: a 1-pixel border plus the 2-pixel padding
+    assert abs(int(grid[corner, corner, 0]) - 191) <= 1  # the original pixels, not the normalised
+    assert abs(int(grid[corner + 63, corner, 0]) - 64) <= 1
+
+    tile = captioned(pixels[0].numpy(), 'cat')
+    assert tile.shape == (3, 64 + 14, 64)  # scaled up to 64 pixels, caption strip below
+    assert abs(int(tile[0, 0, 0]) - 191) <= 1 and abs(int(tile[0, 63, 0]) - 64) <= 1
+    strip = tile[:, 64:]
+    assert (strip < 128).any() and (strip == 255).any()  # dark text on white
+
+
+def test_training_without_server_records_a_replayable_log(fast_options, tmp_path):
+    with pytest.warns(UserWarning, match='no Visdom server'):
+        main.train(**dict(fast_options, vis=True, vis_port=free_port(), env='offline',
+                          print_freq=1))
+    [log] = [f for f in os.listdir(fast_options['checkpoint_dir']) if f.endswith('.log')]
+    wins = {json.loads(line)[1]['win'] for line in open(os.path.join(fast_options['checkpoint_dir'], log))}
+    assert {'train loss', 'accuracy', 'lr', 'val log loss', 'val confusion matrix', 'log',
+            'first training batch'} <= wins
+
+
+def test_run_with_server_stops_only_the_server_it_started(tmp_path, server, monkeypatch):
+    monkeypatch.setattr(sys.stdin, 'isatty', lambda: False)
+    probe = 'import sys, urllib.request; urllib.request.urlopen("http://localhost:%d/", timeout=5)'
+    port = free_port()
+    assert visdom_server.run_with_server(
+        [sys.executable, '-c', probe % port, f'--vis_port={port}']) == 0
+    assert not visdom_server.page_answers(port)
+
+    running, process = server
+    assert visdom_server.run_with_server(
+        [sys.executable, '-c', probe % running, '--vis_port', str(running)]) == 0
+    assert process.poll() is None and visdom_server.page_answers(running)
+
+
+def test_offline_assets_leave_visdom_nothing_to_download():
+    static = os.path.join(visdom_assets.visdom_dir(), 'static')
+    assert visdom_assets.is_installed(static), 'run `python main.py visdom_setup`'
+    assert visdom_assets.install() is False  # idempotent: nothing fetched again
+    with open(os.path.join(static, 'version.built')) as f:
+        import visdom
+        assert f.read() == visdom.__version__
+
+    import visdom.server.build as build
+    fetched = []
+
+    class NoNetwork:
+        def open(self, request):
+            fetched.append(request.full_url)
+            raise OSError('offline')
+
+    with mock.patch.object(build.request, 'build_opener', lambda *a: NoNetwork()), \
+            mock.patch.object(requests, 'get', lambda url, *a, **k: fetched.append(url)):
+        build.download_scripts()
+    assert fetched == []
+
+
+def test_missing_npm_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv('PATH', str(tmp_path))
+    with pytest.raises(UserError, match='npm not found.*apt-get install npm'):
+        visdom_assets.install(target=str(tmp_path / 'visdom'))
