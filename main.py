@@ -6,6 +6,8 @@
     python main.py test --load_model_path=checkpoints/ResNet34_best.pth
     python main.py demo        # generated images, no download needed
     python main.py features --img=PATH [--layers=conv1,layer1] [--load_model_path=...]
+    python main.py replay --file=checkpoints/visdom_default_<time>.log   # recorded plots
+    python main.py visdom_setup  # Visdom page assets from npm, for machines without CDN access
     python main.py help
 """
 import csv
@@ -21,7 +23,7 @@ from torch import nn
 from tqdm import tqdm
 
 from config import DefaultConfig, option_help
-from data.dataset import DogCat, SkippedFiles, build_loader
+from data.dataset import CLASSES, DogCat, SkippedFiles, build_loader
 from data.synthetic import make_labelled_images, make_test_images
 from models import build_model
 from models.basic_module import atomic_save
@@ -77,6 +79,10 @@ def train_one_epoch(model, loader, criterion, optimizer, opt, epoch, skipped, vi
         skipped.add(bad)
         if images is None or images.size(0) < 2:  # BatchNorm cannot train on one image
             continue
+        if vis is not None and step == 0 and images.dim() == 4:  # do batches mix cats and dogs?
+            vis.img_grid('first training batch', images, [CLASSES[t] for t in targets.tolist()],
+                         title=f'epoch {epoch}: first training batch',
+                         mean=model.input_mean, std=model.input_std)
         images = images.to(opt.device, non_blocking=True)
         targets = targets.to(opt.device, non_blocking=True)
         scores = model(images)
@@ -192,6 +198,8 @@ def train(**kwargs):
     if skipped.summary():
         warnings.warn(skipped.summary())
     print(f'best validation accuracy {state["best_val_acc"]:.2f}%; checkpoints: {last_path}, {best_path}')
+    if vis is not None:
+        vis.close()  # deliver the last plots before the process ends
     return state
 
 
@@ -200,7 +208,7 @@ def log_epoch_to_visdom(vis, line, lrs, train_meter, val_meter):
                                 'train (count)': train_meter.accuracy_counts,
                                 'val (cm)': val_meter.accuracy_cm,
                                 'val (count)': val_meter.accuracy_counts})
-    vis.plot('lr', lrs[0])
+    vis.plot('lr', lrs[0], ytype='log')
     vis.plot('val log loss', val_meter.log_loss)
     vis.confusion('val confusion matrix', val_meter.cm)
     vis.log(line)
@@ -312,8 +320,23 @@ def features(**kwargs):
     print(describe_layers(model, opt.img, opt.layers, opt.image_size, opt.device))
 
 
+def replay(file, **kwargs):
+    """Send plots recorded while no Visdom server ran to a running one."""
+    from utils.visualize import replay as replay_log
+    opt = DefaultConfig()._parse(kwargs, verbose=False)
+    count = replay_log(file, opt.vis_server, opt.vis_port)
+    print(f'replayed {count} Visdom messages from {file} to {opt.vis_server}:{opt.vis_port}')
+
+
+def visdom_setup(force=False):
+    """Install the Visdom page's scripts and fonts from npm, so the server needs no CDN."""
+    from utils.visdom_assets import install
+    if not install(force=force):
+        print('Visdom page assets already installed')
+
+
 COMMANDS = {'train': train, 'val': val, 'test': test, 'demo': demo, 'features': features,
-            'help': help}
+            'replay': replay, 'visdom_setup': visdom_setup, 'help': help}
 
 
 def run(argv=None):
