@@ -13,7 +13,7 @@ from PIL import Image
 
 def striped_image(label, size, rng):
     """An RGB uint8 array: stripes across rows for a cat (0), columns for a dog (1)."""
-    period = rng.uniform(size / 10, size / 4)
+    period = rng.uniform(size / 6, size / 3)
     phase = rng.uniform(0, 2 * np.pi)
     wave = 0.5 + 0.5 * np.sin(2 * np.pi * np.arange(size) / period + phase)
     pattern = np.broadcast_to(wave[:, None] if label == 0 else wave[None, :], (size, size))

@@ -1,0 +1,136 @@
+import csv
+import math
+import os
+import sys
+
+import pytest
+import torch
+
+import main
+from models import SmallResNet
+
+
+def test_a_from_scratch_model_learns_the_generated_classes(fast_options):
+    result = main.train(**dict(fast_options, max_epoch=10, batch_size=8, lr=2e-3))
+    best = max(result['history'], key=lambda r: r['val_acc_cm'])  # the _best checkpoint
+    assert best['val_acc_cm'] >= 90.0 and result['best_val_acc'] == best['val_acc_cm']
+    assert best['val_cm'][0][0] > 0 and best['val_cm'][1][1] > 0  # both classes predicted
+    assert result['history'][-1]['loss'] < result['history'][0]['loss']
+    for record in result['history']:  # two ways of counting, same predictions
+        assert record['train_acc_cm'] == pytest.approx(record['train_acc_count'])
+        assert record['val_acc_cm'] == pytest.approx(record['val_acc_count'])
+    assert os.path.isfile(os.path.join(fast_options['checkpoint_dir'], 'SmallResNet_last.pth'))
+    assert os.path.isfile(os.path.join(fast_options['checkpoint_dir'], 'SmallResNet_best.pth'))
+
+    # val and test on the best checkpoint (found without --load_model_path)
+    meter = main.val(**fast_options)
+    assert meter.accuracy_cm == pytest.approx(meter.accuracy_counts)
+    assert meter.accuracy_cm >= 90.0 and meter.total == 24
+    main.test(**fast_options)
+    with open(fast_options['result_file']) as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == ['id', 'label']
+    ids = [int(r[0]) for r in rows[1:]]
+    assert ids == sorted(ids) == list(range(1, 21))
+    probabilities = [float(r[1]) for r in rows[1:]]
+    assert all(0.0 <= p <= 1.0 for p in probabilities)
+    truth = fast_options_truth(fast_options)
+    correct = sum((p > 0.5) == bool(truth[i]) for i, p in zip(ids, probabilities))
+    assert correct >= 15  # the generator knows the test labels Kaggle hides
+
+
+def fast_options_truth(options):
+    from data.synthetic import make_test_images
+    import tempfile
+    with tempfile.TemporaryDirectory() as tmp:  # same seed and size: same labels
+        return make_test_images(tmp, 20, size=48, seed=1)
+
+
+def test_lr_decays_only_when_the_loss_rises():
+    model = SmallResNet()
+    optimizer = model.get_optimizer(0.01, 0, 'adam')
+    model(torch.randn(2, 3, 16, 16)).sum().backward()
+    optimizer.step()
+    moments = optimizer.state_dict()['state'][0]['exp_avg'].clone()
+    assert not main.decay_lr_if_loss_rose(optimizer, 0.5, 0.6, 0.95)
+    assert main.current_lrs(optimizer) == [0.01]
+    assert main.decay_lr_if_loss_rose(optimizer, 0.61, 0.6, 0.95)
+    assert main.current_lrs(optimizer) == [pytest.approx(0.0095)]
+    assert torch.equal(optimizer.state_dict()['state'][0]['exp_avg'], moments)  # state kept
+
+
+def test_decay_scales_every_parameter_group():
+    model = __import__('models').build_model('ResNet18', pretrained=False)
+    optimizer = model.get_optimizer(0.001, 0, 'sgd')
+    optimizer.param_groups[1]['lr'] = 0.01
+    main.decay_lr_if_loss_rose(optimizer, 1.0, 0.5, 0.95)
+    assert main.current_lrs(optimizer) == [pytest.approx(0.00095), pytest.approx(0.0095)]
+
+
+def test_training_decays_lr_in_the_loop(fast_options, monkeypatch):
+    scripted = iter([0.6, 0.7, 0.65])  # the epoch loss rises at epoch 1, falls at epoch 2
+    real_epoch = main.train_one_epoch
+
+    def epoch_with_scripted_loss(*args, **kwargs):
+        meter = real_epoch(*args, **kwargs)
+        meter.loss.reset()
+        meter.loss.add(next(scripted))
+        return meter
+    monkeypatch.setattr(main, 'train_one_epoch', epoch_with_scripted_loss)
+    result = main.train(**dict(fast_options, max_epoch=3, lr=0.001))
+    lrs = [r['lrs'][0] for r in result['history']]  # lr used during each epoch
+    assert lrs == [pytest.approx(0.001), pytest.approx(0.001), pytest.approx(0.00095)]
+
+
+def test_load_model_path_resumes_epochs_and_optimizer(fast_options):
+    main.train(**dict(fast_options, max_epoch=1))
+    last = os.path.join(fast_options['checkpoint_dir'], 'SmallResNet_last.pth')
+    result = main.train(**dict(fast_options, max_epoch=2, load_model_path=last))
+    assert [r['epoch'] for r in result['history']] == [1]
+    checkpoint = torch.load(last, weights_only=True)
+    assert checkpoint['epoch'] == 2 and 'optimizer' in checkpoint
+
+
+def test_missing_checkpoint_dir_is_created_and_unwritable_one_fails_fast(fast_options, tmp_path):
+    main.check_writable(str(tmp_path / 'a' / 'b'))
+    assert (tmp_path / 'a' / 'b').is_dir()
+    (tmp_path / 'file').write_text('')
+    with pytest.raises(main.UserError, match='cannot write checkpoints to .*file/sub'):
+        main.train(**dict(fast_options, checkpoint_dir=str(tmp_path / 'file' / 'sub')))
+
+
+def test_last_batch_of_one_image_is_fine(fast_options):
+    # 56 training images with batch 11: the last batch holds one image
+    result = main.train(**dict(fast_options, batch_size=11, val_ratio=0.3))
+    assert result['history'][0]['val_cm']
+
+
+def test_debug_file_drops_into_the_debugger(fast_options, tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(sys, 'breakpointhook', lambda *a, **k: calls.append(1))
+    debug = tmp_path / 'debug'
+    debug.write_text('')
+    main.train(**dict(fast_options, debug_file=str(debug)))
+    assert calls
+
+
+def test_test_without_any_checkpoint_refuses_random_weights(fast_options):
+    with pytest.raises(main.UserError, match='no checkpoint to evaluate.*--load_model_path'):
+        main.test(**fast_options)
+
+
+def test_learns_on_real_kaggle_images(shared_train, tmp_path):
+    """About 1,000 real photos at 64 px: the loss must fall clearly below ln 2."""
+    subset = tmp_path / 'train'
+    subset.mkdir()
+    for name in ('cat', 'dog'):
+        for i in range(500):
+            os.symlink(os.path.join(shared_train, f'{name}.{i}.jpg'), subset / f'{name}.{i}.jpg')
+    result = main.train(train_data_root=str(subset), model='SmallResNet', image_size=64,
+                        batch_size=32, max_epoch=6, lr=2e-3, num_workers=2, vis=False,
+                        checkpoint_dir=str(tmp_path / 'ckpt'), debug_file=str(tmp_path / 'x'))
+    history = result['history']
+    assert min(r['loss'] for r in history) < math.log(2) - 0.05
+    best = max(history, key=lambda r: r['val_acc_cm'])
+    assert best['val_acc_cm'] > 60.0
+    assert best['val_cm'][0][0] > 0 and best['val_cm'][1][1] > 0
