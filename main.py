@@ -171,6 +171,7 @@ def train(**kwargs):
               f'raise --max_epoch to train more')
     vis = make_visualizer(opt)
     skipped = SkippedFiles()
+    history = []  # one record per epoch, returned for scripts and tests
     last_path = os.path.join(opt.checkpoint_dir, f'{model.model_name}_last.pth')
     best_path = os.path.join(opt.checkpoint_dir, f'{model.model_name}_best.pth')
     model, train_loader, val_loader = use_cached_features(model, train_loader, val_loader, opt, skipped)
@@ -185,6 +186,7 @@ def train(**kwargs):
             log_epoch_to_visdom(vis, line, current_lrs(optimizer), train_meter, val_meter)
 
         loss = train_meter.mean_loss
+        history.append(epoch_record(epoch, current_lrs(optimizer), train_meter, val_meter))
         if decay_lr_if_loss_rose(optimizer, loss, state['previous_loss'], opt.lr_decay):
             print(f'loss rose ({state["previous_loss"]:.4f} -> {loss:.4f}): lr x {opt.lr_decay} '
                   f'-> {current_lrs(optimizer)}')
@@ -200,7 +202,14 @@ def train(**kwargs):
     print(f'best validation accuracy {state["best_val_acc"]:.2f}%; checkpoints: {last_path}, {best_path}')
     if vis is not None:
         vis.close()  # deliver the last plots before the process ends
-    return state
+    return dict(state, history=history)
+
+
+def epoch_record(epoch, lrs, train_meter, val_meter):
+    return dict(epoch=epoch, lrs=lrs, loss=train_meter.mean_loss,
+                train_acc_cm=train_meter.accuracy_cm, train_acc_count=train_meter.accuracy_counts,
+                val_acc_cm=val_meter.accuracy_cm, val_acc_count=val_meter.accuracy_counts,
+                val_log_loss=val_meter.log_loss, val_cm=val_meter.cm.tolist())
 
 
 def log_epoch_to_visdom(vis, line, lrs, train_meter, val_meter):
