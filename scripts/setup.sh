@@ -31,3 +31,9 @@ if [ ! -f "$stamp" ]; then
     rm -f .venv/.installed-*
     touch "$stamp"
 fi
+# The Visdom page's scripts and fonts, from npm: the server then never goes to a CDN
+# (behind a firewall it would show a blank page). Fast when already installed.
+if ! .venv/bin/python -m utils.visdom_assets; then
+    echo "warning: Visdom page assets not installed; \`python -m visdom.server\` will try to download them" >&2
+    [ "${1:-}" != "--dev" ] || exit 1  # the browser test needs them
+fi

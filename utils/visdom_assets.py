@@ -72,9 +72,17 @@ def table_digest():
     return hashlib.sha256(table.encode()).hexdigest()[:16]
 
 
+def read(path):
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return f.read()
+
+
 def is_installed(static):
-    stamp = os.path.join(static, '.offline-assets')
-    if not os.path.isfile(stamp) or open(stamp).read() != table_digest():
+    import visdom
+    if (read(os.path.join(static, '.offline-assets')) != table_digest()
+            or read(os.path.join(static, 'version.built')) != visdom.__version__):
         return False
     names = [*FILES, os.path.join(MATHJAX_DIR, 'MathJax.js')]
     return all(os.path.isfile(os.path.join(static, name)) for name in names)
