@@ -49,24 +49,33 @@ def random_transforms(dataset):
 def compute_features(model, loader, device, skipped):
     """(features, targets) at the head's input for every readable image in loader;
     None when they would not fit in CACHE_LIMIT_BYTES."""
-    captured = []
+    captured, targets = [], []
     hook = model.head().register_forward_pre_hook(
         lambda module, args: captured.append(args[0].detach().cpu()))
     model.eval()
-    targets = []
-    try:
-        for images, batch_targets, bad in loader:
-            skipped.add(bad)
-            if images is None:
-                continue
-            model(images.to(device))
-            targets.append(batch_targets)
-            per_image = captured[0][0].numel() * captured[0].element_size()
-            if per_image * len(loader.dataset) > CACHE_LIMIT_BYTES:
-                return None
-    finally:
-        hook.remove()
+    # Iterating a loader draws from the global RNG: fork it, so that training after
+    # the cache sees the same random stream (dropout) as training without it.
+    with torch.random.fork_rng(devices=[]):
+        try:
+            for images, batch_targets, bad in loader:
+                skipped.add(bad)
+                if images is None:
+                    continue
+                model(images.to(device))
+                targets.append(batch_targets)
+                per_image = captured[0][0].numel() * captured[0].element_size()
+                if per_image * len(loader.dataset) > CACHE_LIMIT_BYTES:
+                    return None
+        finally:
+            hook.remove()
     return torch.cat(captured), torch.cat(targets)
+
+
+def in_order(loader):
+    """The loader's dataset unshuffled: cached features keep the dataset's order, so
+    the cached loader shuffles them exactly as the original loader shuffles images."""
+    return data.DataLoader(loader.dataset, batch_size=loader.batch_size, shuffle=False,
+                           num_workers=loader.num_workers, collate_fn=loader.collate_fn)
 
 
 def cached_loader(features, targets, batch_size, shuffle, seed):
@@ -90,8 +99,9 @@ def use_cached_features(model, train_loader, val_loader, opt, skipped):
               f'epoch; pass --augment=False to compute its features once')
         return model, train_loader, val_loader
     start = time.time()
-    train_features = compute_features(model, train_loader, opt.device, skipped)
-    val_features = compute_features(model, val_loader, opt.device, skipped) if train_features else None
+    train_features = compute_features(model, in_order(train_loader), opt.device, skipped)
+    val_features = (compute_features(model, in_order(val_loader), opt.device, skipped)
+                    if train_features else None)
     if val_features is None:
         print(f'feature cache off: the features would not fit in '
               f'{CACHE_LIMIT_BYTES / 2 ** 30:.0f} GiB of memory')
