@@ -84,7 +84,7 @@ class Sender(threading.Thread):
             except queue.Empty:
                 return
 
-    def close(self, timeout=5.0):
+    def close(self, timeout=2.0):
         """Deliver what is queued, waiting at most `timeout` seconds."""
         if not self.is_alive():
             return
@@ -236,7 +236,7 @@ class Visualizer:
         if not self.closed:
             self.log(f'warning: {message}')
 
-    def close(self, timeout=5.0):
+    def close(self, timeout=2.0):
         """Stop logging warnings and deliver queued plots (waits at most `timeout` s)."""
         if self.closed:
             return
