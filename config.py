@@ -31,6 +31,7 @@ class DefaultConfig:
     train_data_root = './data/train'  # Kaggle train/ folder (cat.N.jpg, dog.N.jpg) or cat/ and dog/ subfolders
     test_data_root = './data/test1'  # Kaggle test1/ folder (N.jpg)
     load_model_path = None  # checkpoint to start from (train), or to evaluate (val, test)
+    resume = None  # continue a run exactly: a checkpoint path, or last (<checkpoint_dir>/<model>_last.pth)
     checkpoint_dir = 'checkpoints'  # where train writes <model>_last.pth and <model>_best.pth
 
     image_size = 224  # side of the square image the model sees, in pixels
@@ -85,7 +86,12 @@ class DefaultConfig:
 
     @property
     def device(self):
-        return torch.device('cuda' if self.use_gpu else 'cpu')
+        """The GPU when use_gpu, else the CPU; torchrun ranks set their own."""
+        return getattr(self, '_device', None) or torch.device('cuda' if self.use_gpu else 'cpu')
+
+    @device.setter
+    def device(self, device):
+        self._device = device
 
 
 def option_names():

@@ -4,6 +4,7 @@
     python main.py train [--option=value ...]
     python main.py val --load_model_path=checkpoints/ResNet34_best.pth
     python main.py test --load_model_path=checkpoints/ResNet34_best.pth
+    python main.py doctor [--option=value ...]   # why is a run stuck at 50%?
     python main.py demo        # generated images, no download needed
     python main.py features --img=PATH [--layers=conv1,layer1] [--load_model_path=...]
     python main.py replay --file=checkpoints/visdom_default_<time>.log   # recorded plots
@@ -27,8 +28,11 @@ from data.dataset import CLASSES, DogCat, SkippedFiles, build_loader
 from data.synthetic import make_labelled_images, make_test_images
 from models import build_model
 from models.basic_module import atomic_save
+from utils.doctor import collapse_warning, run_doctor
+from utils import distributed
 from utils.errors import UserError
 from utils.feature_cache import use_cached_features
+from utils.interrupt import GracefulStop
 from utils.layer_report import describe_layers
 from utils.meters import ClassificationMeter
 
@@ -70,33 +74,57 @@ def current_lrs(optimizer):
     return [group['lr'] for group in optimizer.param_groups]
 
 
-def train_one_epoch(model, loader, criterion, optimizer, opt, epoch, skipped, vis):
+class TrainingDiverged(UserError):
+    pass
+
+
+def train_one_epoch(model, loader, criterion, optimizer, opt, epoch, skipped, vis, stop=None,
+                    meter=None, start_step=0):
+    """One pass over the training loader. With `stop` (a GracefulStop) it returns early
+    after the step during which a signal arrived; `meter` and `start_step` continue an
+    interrupted epoch."""
     model.train()
-    meter = ClassificationMeter()
+    meter = meter or ClassificationMeter()
     bar = tqdm(loader, desc=f'epoch {epoch}', leave=False, dynamic_ncols=True,
-               disable=not sys.stderr.isatty())
-    for step, (images, targets, bad) in enumerate(bar):
+               disable=not sys.stderr.isatty() or not distributed.is_main())
+    for step, (images, targets, bad) in enumerate(bar, start=start_step):
         skipped.add(bad)
-        if images is None or images.size(0) < 2:  # BatchNorm cannot train on one image
-            continue
-        if vis is not None and step == 0 and images.dim() == 4:  # do batches mix cats and dogs?
-            vis.img_grid('first training batch', images, [CLASSES[t] for t in targets.tolist()],
-                         title=f'epoch {epoch}: first training batch',
-                         mean=model.input_mean, std=model.input_std)
-        images = images.to(opt.device, non_blocking=True)
-        targets = targets.to(opt.device, non_blocking=True)
-        scores = model(images)
-        loss = criterion(scores, targets)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        meter.add(scores, targets, loss.item())
-        bar.set_postfix(loss=f'{meter.mean_loss:.4f}', acc=f'{meter.accuracy_counts:.1f}%')
-        if vis is not None and (step + 1) % opt.print_freq == 0:
-            vis.plot('train loss', meter.mean_loss)
+        if images is not None and images.size(0) >= 2:  # BatchNorm cannot train on one image
+            if vis is not None and step == 0 and images.dim() == 4:  # do batches mix cats and dogs?
+                net = getattr(model, 'module', model)
+                vis.img_grid('first training batch', images, [CLASSES[t] for t in targets.tolist()],
+                             title=f'epoch {epoch}: first training batch',
+                             mean=net.input_mean, std=net.input_std)
+            images = images.to(opt.device, non_blocking=True)
+            targets = targets.to(opt.device, non_blocking=True)
+            scores = model(images)
+            loss = criterion(scores, targets)
+            loss_value = loss.item()
+            if not math.isfinite(loss_value) or distributed.launched_by_torchrun():
+                check_finite(loss_value, epoch, step, optimizer, opt)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            meter.add(scores, targets, loss_value)
+            bar.set_postfix(loss=f'{meter.mean_loss:.4f}', acc=f'{meter.accuracy_counts:.1f}%')
+            if vis is not None and (step + 1) % opt.print_freq == 0:
+                vis.plot('train loss', meter.mean_loss)
         if os.path.exists(opt.debug_file):
             breakpoint()  # the book's ipdb hook: remove the file to carry on training
+        if stop is not None and distributed.any_rank(stop.requested, opt.device):
+            stop.batches_done = step + 1
+            break
     return meter
+
+
+def check_finite(loss_value, epoch, step, optimizer, opt):
+    """Stop on a NaN/inf loss (on any rank) before it reaches the weights."""
+    if distributed.any_rank(not math.isfinite(loss_value), opt.device):
+        raise TrainingDiverged(
+            f'the loss became {loss_value} at epoch {epoch}, batch {step} (lr '
+            f'{current_lrs(optimizer)}): the run diverged. Lower --lr (try {opt.lr / 10:g}), '
+            f'or run `python main.py doctor` with the same options. The last good checkpoint '
+            f'in {opt.checkpoint_dir}/ is kept.')
 
 
 @torch.inference_mode()
@@ -133,76 +161,152 @@ def load_datasets(opt, model):
     return train_data, val_data
 
 
+def resume_path(opt):
+    """--resume=last means this model's last checkpoint; --load_model_path works too."""
+    if opt.resume == 'last':
+        path = os.path.join(opt.checkpoint_dir, f'{opt.model}_last.pth')
+        if not os.path.isfile(path):
+            raise UserError(f'--resume=last: there is no {path} to resume from '
+                            f'(check --checkpoint_dir and --model)')
+        return path
+    return opt.resume or opt.load_model_path
+
+
 def restore_training_state(model, optimizer, opt):
-    """--load_model_path: weights always; optimizer state, epoch and the decay rule's
-    memory too when the file is a training checkpoint of the same optimizer."""
-    state = {'epoch': 0, 'previous_loss': math.inf, 'best_val_acc': 0.0}
-    if not opt.load_model_path:
-        return state
-    checkpoint = model.load(opt.load_model_path)
+    """Weights always; with a training checkpoint of the same optimizer also its state,
+    the epoch (and position in an interrupted one), the decay rule's memory, the best
+    accuracy and the RNG state, so the run continues as if never stopped."""
+    state = {'epoch': 0, 'batches_done': 0, 'previous_loss': math.inf, 'best_val_acc': 0.0}
+    path = resume_path(opt)
+    if not path:
+        return state, None
+    checkpoint = model.load(path)
     saved_opt = checkpoint.get('config', {}).get('optimizer')
-    if 'optimizer' in checkpoint and saved_opt == opt.optimizer:
-        optimizer.load_state_dict(checkpoint['optimizer'])
-        for key in state:
-            state[key] = checkpoint.get(key, state[key])
-        print(f'resuming from {opt.load_model_path}: epoch {state["epoch"]}, lr {current_lrs(optimizer)}')
-    else:
-        print(f'starting from the weights in {opt.load_model_path}')
-    return state
+    if 'optimizer' not in checkpoint or saved_opt != opt.optimizer:
+        print(f'starting from the weights in {path}')
+        return state, None
+    optimizer.load_state_dict(checkpoint['optimizer'])
+    for key in state:
+        state[key] = checkpoint.get(key, state[key])
+    if 'rng' in checkpoint:
+        torch.set_rng_state(checkpoint['rng']['torch'])
+        if torch.cuda.is_available() and checkpoint['rng'].get('cuda'):
+            torch.cuda.set_rng_state_all(checkpoint['rng']['cuda'])
+    partial = checkpoint.get('partial_epoch')
+    print(f'resuming from {path}: epoch {state["epoch"]}'
+          + (f' after batch {state["batches_done"]}' if state['batches_done'] else '')
+          + f', lr {current_lrs(optimizer)}')
+    return state, partial and ClassificationMeter().load_state_dict(partial)
+
+
+def training_checkpoint(state, optimizer, **extra):
+    rng = {'torch': torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng['cuda'] = torch.cuda.get_rng_state_all()
+    return dict(state, optimizer=optimizer.state_dict(), rng=rng, **extra)
 
 
 def train(**kwargs):
-    """Train opt.model on opt.train_data_root; checkpoints go to opt.checkpoint_dir."""
-    opt = DefaultConfig()._parse(kwargs)
+    """Train opt.model on opt.train_data_root; checkpoints go to opt.checkpoint_dir.
+
+    Under torchrun every rank runs this; rank 0 alone prints, plots and saves."""
+    opt = DefaultConfig()._parse(kwargs, verbose=distributed.rank_from_env() == 0)
+    opt.device = distributed.setup(opt.use_gpu)
+    try:
+        with GracefulStop() as stop:
+            return run_training(opt, stop)
+    finally:
+        distributed.cleanup()
+
+
+def run_training(opt, stop):
     torch.manual_seed(opt.seed)
-    check_writable(opt.checkpoint_dir)
+    main_rank = distributed.is_main()
+    if main_rank:
+        check_writable(opt.checkpoint_dir)
     model = build_model(opt.model, opt.pretrained, weights=opt.weights, freeze=opt.freeze).to(opt.device)
     train_data, val_data = load_datasets(opt, model)
     train_loader = build_loader(train_data, opt.batch_size, True, opt.num_workers, opt.use_gpu, opt.seed)
     val_loader = build_loader(val_data, opt.batch_size, False, opt.num_workers, opt.use_gpu)
-    print(f'{len(train_data)} training and {len(val_data)} validation images')
+    if main_rank:
+        print(f'{len(train_data)} training and {len(val_data)} validation images'
+              + (f' on {distributed.world_size()} processes' if distributed.world_size() > 1 else ''))
 
     criterion = nn.CrossEntropyLoss()
     optimizer = model.get_optimizer(opt.lr, opt.weight_decay, opt.optimizer, opt.momentum,
                                     opt.backbone_lr, opt.classifier_lr)
-    state = restore_training_state(model, optimizer, opt)
-    if state['epoch'] >= opt.max_epoch:
+    state, partial_meter = restore_training_state(model, optimizer, opt)
+    if state['epoch'] >= opt.max_epoch and main_rank:
         print(f'the checkpoint has trained {state["epoch"]} epochs already: '
               f'raise --max_epoch to train more')
-    vis = make_visualizer(opt)
+    vis = make_visualizer(opt) if main_rank else None
     skipped = SkippedFiles()
     history = []  # one record per epoch, returned for scripts and tests
     last_path = os.path.join(opt.checkpoint_dir, f'{model.model_name}_last.pth')
     best_path = os.path.join(opt.checkpoint_dir, f'{model.model_name}_best.pth')
     model, train_loader, val_loader = use_cached_features(model, train_loader, val_loader, opt, skipped)
+    net = model  # what is saved; `model` may become its DistributedDataParallel wrapper
+    if distributed.world_size() > 1:
+        model = nn.parallel.DistributedDataParallel(model)
 
     for epoch in range(state['epoch'], opt.max_epoch):
+        sampler = train_loader.sampler
+        if hasattr(sampler, 'set_epoch'):
+            sampler.set_epoch(epoch)
+            sampler.skip = state['batches_done'] * opt.batch_size
         train_meter = train_one_epoch(model, train_loader, criterion, optimizer, opt, epoch,
-                                      skipped, vis)
-        val_meter = evaluate(model, val_loader, opt, skipped)
+                                      skipped, vis, stop=stop, meter=partial_meter,
+                                      start_step=state['batches_done'])
+        partial_meter = None
+        if hasattr(sampler, 'skip'):
+            sampler.skip = 0
+        if stop.requested:
+            state['batches_done'] = stop.batches_done
+            if main_rank:
+                net.save(last_path, config=opt.to_dict(), extra=training_checkpoint(
+                    state, optimizer, partial_epoch=train_meter.state_dict()))
+                print(f'saved {last_path} at epoch {epoch}, batch {stop.batches_done}; resume with:\n'
+                      f'    python main.py train --resume={last_path} '
+                      + ' '.join(f'--{k}={v}' for k, v in opt_overrides(opt).items()))
+            if vis is not None:
+                vis.close()
+            raise SystemExit(stop.exit_code)
+        train_meter.all_reduce(opt.device)
+        # the bare network: DDP's forward would sync buffers, and ranks' shards differ in size
+        val_meter = evaluate(net, val_loader, opt, skipped).all_reduce(opt.device)
         line = format_epoch(epoch, current_lrs(optimizer), train_meter, val_meter)
-        print(line)
-        if vis is not None:
-            log_epoch_to_visdom(vis, line, current_lrs(optimizer), train_meter, val_meter)
-
-        loss = train_meter.mean_loss
         history.append(epoch_record(epoch, current_lrs(optimizer), train_meter, val_meter))
-        if decay_lr_if_loss_rose(optimizer, loss, state['previous_loss'], opt.lr_decay):
+        if main_rank:
+            print(line)
+            if vis is not None:
+                log_epoch_to_visdom(vis, line, current_lrs(optimizer), train_meter, val_meter)
+
+        # every rank sees the same reduced loss, so every rank takes the same decision
+        loss = train_meter.mean_loss
+        if decay_lr_if_loss_rose(optimizer, loss, state['previous_loss'], opt.lr_decay) and main_rank:
             print(f'loss rose ({state["previous_loss"]:.4f} -> {loss:.4f}): lr x {opt.lr_decay} '
                   f'-> {current_lrs(optimizer)}')
-        state.update(epoch=epoch + 1, previous_loss=loss)
+        state.update(epoch=epoch + 1, batches_done=0, previous_loss=loss)
         is_best = val_meter.accuracy_cm > state['best_val_acc']
         state['best_val_acc'] = max(state['best_val_acc'], val_meter.accuracy_cm)
-        extra = dict(state, optimizer=optimizer.state_dict(), val_acc=val_meter.accuracy_cm)
-        model.save(last_path, extra=extra, config=opt.to_dict())
-        if is_best:
-            model.save(best_path, extra=extra, config=opt.to_dict())
+        if main_rank:
+            checkpoint = training_checkpoint(state, optimizer, val_acc=val_meter.accuracy_cm)
+            net.save(last_path, extra=checkpoint, config=opt.to_dict())
+            if is_best:
+                net.save(best_path, extra=checkpoint, config=opt.to_dict())
     if skipped.summary():
         warnings.warn(skipped.summary())
-    print(f'best validation accuracy {state["best_val_acc"]:.2f}%; checkpoints: {last_path}, {best_path}')
+    if main_rank:
+        print(f'best validation accuracy {state["best_val_acc"]:.2f}%; checkpoints: {last_path}, {best_path}')
     if vis is not None:
         vis.close()  # deliver the last plots before the process ends
     return dict(state, history=history)
+
+
+def opt_overrides(opt):
+    """The options that differ from the defaults (for the printed resume command)."""
+    return {k: v for k, v in opt.to_dict().items()
+            if v != getattr(DefaultConfig, k) and k not in ('resume', 'load_model_path')}
 
 
 def epoch_record(epoch, lrs, train_meter, val_meter):
@@ -344,8 +448,17 @@ def visdom_setup(force=False):
         print('Visdom page assets already installed')
 
 
-COMMANDS = {'train': train, 'val': val, 'test': test, 'demo': demo, 'features': features,
-            'replay': replay, 'visdom_setup': visdom_setup, 'help': help}
+def doctor(**kwargs):
+    """Why is a run stuck at 50%? Run the checklist on the options train would get;
+    exit status 1 when a check fails."""
+    opt = DefaultConfig()._parse(kwargs)
+    if run_doctor(opt, load_datasets, train_one_epoch):
+        sys.exit(1)
+
+
+COMMANDS = {'doctor': doctor, 'train': train, 'val': val, 'test': test, 'demo': demo,
+            'features': features, 'replay': replay, 'visdom_setup': visdom_setup,
+            'help': help}
 
 
 def run(argv=None):

@@ -6,8 +6,10 @@ Two layouts are understood for labelled data:
     root/cat/*.jpg, root/dog/*.jpg         (one folder per class, label from the folder)
 and for test data the Kaggle test1/ folder: root/1.jpg, root/2.jpg, ...
 """
+import itertools
 import os
 import re
+import signal
 import warnings
 from collections import namedtuple
 
@@ -17,6 +19,7 @@ from PIL import Image
 from torch.utils import data
 from torchvision import transforms as T
 
+from utils import distributed
 from utils.errors import UserError
 
 CLASSES = ('cat', 'dog')  # label 0 = cat, 1 = dog
@@ -165,12 +168,50 @@ def collate_skipping_bad(batch):
     return images, targets, skipped
 
 
-def build_loader(dataset, batch_size, shuffle, num_workers, use_gpu=False, seed=None):
-    generator = torch.Generator().manual_seed(seed) if seed is not None else None
-    return data.DataLoader(dataset, batch_size=batch_size, shuffle=shuffle,
+class EpochShuffleSampler(data.DistributedSampler):
+    """A fresh seeded permutation each epoch (call set_epoch), split across torchrun
+    ranks; `skip` leaves out the samples an interrupted epoch already trained on."""
+
+    def __init__(self, dataset, seed):
+        super().__init__(dataset, num_replicas=distributed.world_size(),
+                         rank=distributed.rank(), shuffle=True, seed=seed)
+        self.skip = 0
+
+    def __iter__(self):
+        return itertools.islice(super().__iter__(), self.skip, None)
+
+    def __len__(self):
+        return super().__len__() - self.skip
+
+
+class ShardSampler(data.Sampler):
+    """Every index exactly once over all ranks, in order, without padding: the
+    validation counts summed over ranks then cover each image once."""
+
+    def __init__(self, dataset):
+        self.indices = range(distributed.rank(), len(dataset), distributed.world_size())
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self):
+        return len(self.indices)
+
+
+def ignore_sigint_in_worker(worker_id):
+    """Ctrl-C reaches the whole process group: workers keep serving batches while
+    the main process finishes its step and saves a checkpoint."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def build_loader(dataset, batch_size, shuffle, num_workers, use_gpu=False, seed=0):
+    """A DataLoader over this rank's share: shuffled per epoch for training
+    (loader.sampler.set_epoch(epoch)), in order for evaluation."""
+    sampler = EpochShuffleSampler(dataset, seed) if shuffle else ShardSampler(dataset)
+    return data.DataLoader(dataset, batch_size=batch_size, sampler=sampler,
                            num_workers=num_workers, collate_fn=collate_skipping_bad,
                            pin_memory=use_gpu, persistent_workers=num_workers > 0,
-                           generator=generator)
+                           worker_init_fn=ignore_sigint_in_worker)
 
 
 class SkippedFiles:

@@ -5,6 +5,8 @@ import math
 import torch
 from torchnet import meter
 
+from utils import distributed
+
 
 class ClassificationMeter:
     """Loss (AverageValueMeter), confusion matrix (ConfusionMeter) and running correct
@@ -50,3 +52,30 @@ class ClassificationMeter:
     def log_loss(self):
         """Mean cross-entropy per image (Kaggle's metric for this competition)."""
         return self.nll_sum / max(self.total, 1)
+
+    def state_dict(self):
+        """Plain numbers and a tensor: fits in a weights_only checkpoint."""
+        return {'loss_sum': float(self.loss.sum), 'loss_n': int(self.loss.n),
+                'confusion': torch.from_numpy(self.cm.copy()), 'correct': self.correct,
+                'total': self.total, 'nll_sum': self.nll_sum}
+
+    def load_state_dict(self, state):
+        self.loss.reset()
+        self.loss.sum, self.loss.n = state['loss_sum'], state['loss_n']
+        if self.loss.n:  # torchnet updates its running mean from mean_old on each add
+            self.loss.mean = self.loss.mean_old = self.loss.sum / self.loss.n
+        self.confusion.conf[:] = state['confusion'].numpy()
+        self.correct, self.total, self.nll_sum = state['correct'], state['total'], state['nll_sum']
+        return self
+
+    def all_reduce(self, device):
+        """Sum counts over torchrun ranks so the metrics cover the whole data set."""
+        cm = self.cm
+        flat = [self.loss.sum, self.loss.n, self.correct, self.total, self.nll_sum,
+                *cm.flatten().tolist()]
+        summed = distributed.all_reduce_sum(flat, device)
+        state = {'loss_sum': summed[0], 'loss_n': int(round(summed[1])),
+                 'correct': int(round(summed[2])), 'total': int(round(summed[3])),
+                 'nll_sum': summed[4],
+                 'confusion': torch.tensor([int(round(v)) for v in summed[5:]]).reshape(cm.shape)}
+        return self.load_state_dict(state)
