@@ -280,6 +280,12 @@ def run_training(opt, stop):
             print(line)
             if vis is not None:
                 log_epoch_to_visdom(vis, line, current_lrs(optimizer), train_meter, val_meter)
+            alarm = collapse_warning([record['loss'] for record in history], val_meter)
+            if alarm:
+                print(f'!!! {alarm}')
+                warnings.warn(alarm)
+                if vis is not None:
+                    vis.log(f'WARNING: {alarm}')
 
         # every rank sees the same reduced loss, so every rank takes the same decision
         loss = train_meter.mean_loss
