@@ -67,6 +67,11 @@ class DefaultConfig:
             setattr(self, key, coerce(key, value, getattr(DefaultConfig, key)))
         if self.optimizer not in ('adam', 'sgd'):
             raise ConfigError(f"--optimizer must be adam or sgd, not {self.optimizer!r}")
+        for key in ('backbone_lr', 'classifier_lr'):
+            value = getattr(self, key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                      or value < 0):
+                raise ConfigError(f'--{key} must be a learning rate >= 0 (e.g. 1e-4), not {value!r}')
         if not 0 < self.val_ratio < 1:
             raise ConfigError(f"--val_ratio must lie between 0 and 1, not {self.val_ratio}")
         for key in ('batch_size', 'image_size', 'max_epoch', 'print_freq'):

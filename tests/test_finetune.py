@@ -254,3 +254,11 @@ def test_efficientnet_fine_tunes_to_90_percent_on_shared_images(shared_train, tm
     meter = main.val(train_data_root=folder, model='EfficientNetLite0', image_size=128,
                      num_workers=0, vis=False, checkpoint_dir=str(tmp_path / 'checkpoints'))
     assert meter.accuracy_cm == pytest.approx(result['best_val_acc'])
+
+
+def test_learning_rate_options_are_checked():
+    from config import ConfigError, DefaultConfig
+    opt = DefaultConfig()._parse({'backbone_lr': 1e-5, 'classifier-lr': 0.01}, verbose=False)
+    assert (opt.backbone_lr, opt.classifier_lr) == (1e-5, 0.01)
+    with pytest.raises(ConfigError, match="--classifier_lr must be a learning rate >= 0.*'fast'"):
+        DefaultConfig()._parse({'classifier_lr': 'fast'}, verbose=False)

