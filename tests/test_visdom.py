@@ -213,6 +213,7 @@ def test_offline_assets_leave_visdom_nothing_to_download():
             raise OSError('offline')
 
     with mock.patch.object(build.request, 'build_opener', lambda *a: NoNetwork()), \
+            mock.patch.object(build.request, 'install_opener', lambda opener: None), \
             mock.patch.object(requests, 'get', lambda url, *a, **k: fetched.append(url)):
         build.download_scripts()
     assert fetched == []

@@ -17,10 +17,14 @@ from utils.errors import UserError
 LOCAL_HOSTS = ('localhost', '127.0.0.1', '::1')
 
 
+# Straight to the server: an http_proxy without a no_proxy for localhost must not hide it.
+DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
 def page_answers(port, host='localhost', timeout=1.0):
     """True when a Visdom page is served on host:port."""
     try:
-        with urllib.request.urlopen(f'http://{host}:{port}/', timeout=timeout) as reply:
+        with DIRECT.open(f'http://{host}:{port}/', timeout=timeout) as reply:
             return reply.status == 200
     except OSError:
         return False

@@ -41,6 +41,7 @@ class Sender(threading.Thread):
         self.timeout = timeout
         self.queue = queue.Queue(maxsize)
         self.resync = threading.Event()
+        self.overflowed = False
         self.closing = threading.Event()
         self.session = requests.Session()
         self.session.trust_env = False  # a proxy from the environment must not catch localhost
@@ -52,7 +53,7 @@ class Sender(threading.Thread):
         try:
             self.queue.put_nowait((endpoint, msg))
         except queue.Full:  # the server is slower than training: redraw once it drains
-            self.resync.set()
+            self.overflowed = True
 
     def run(self):
         while True:
@@ -72,11 +73,15 @@ class Sender(threading.Thread):
                                          timeout=self.timeout)
                 if reply.text == 'win does not exist':  # closed in the page, or a new server
                     self.resync.set()
+                if self.overflowed and self.queue.empty():
+                    self.overflowed = False
+                    self.resync.set()
             except requests.RequestException:
                 self.online = False
                 self.drain()
 
     def drain(self):
+        self.overflowed = False  # the redraw after the outage covers it
         while True:
             try:
                 if self.queue.get_nowait() is None:
