@@ -132,16 +132,16 @@ class Visualizer:
         self.record_file = record_file
         self.closed = False
         self.previous_showwarning = None
-        if log_warnings:  # the log pane shows every warning the run raises from now on
-            self.previous_showwarning = warnings.showwarning
-            warnings.showwarning = self.show_warning
         if record_file:
             os.makedirs(os.path.dirname(os.path.abspath(record_file)), exist_ok=True)
         host = urlparse(server if '://' in server else f'http://{server}').hostname or 'localhost'
-        online = page_answers(port, host)
+        online = page_answers(port, host, timeout=3.0)  # refused at once when none runs
         self.sender = Sender(host, port, online, retry_every)
         self.vis = QueuedClient(self.sender, env, record_file)
         atexit.register(self.close)
+        if log_warnings:  # the log pane shows every warning the run raises from now on
+            self.previous_showwarning = warnings.showwarning
+            warnings.showwarning = self.show_warning
         if not online:
             where = (f'; the plots are recorded to {record_file} '
                      f'(later: python main.py replay --file={record_file})' if record_file else '')
