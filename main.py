@@ -210,13 +210,16 @@ def train(**kwargs):
     """Train opt.model on opt.train_data_root; checkpoints go to opt.checkpoint_dir.
 
     Under torchrun every rank runs this; rank 0 alone prints, plots and saves."""
+    opt = parse_options(kwargs)
+    with GracefulStop() as stop:
+        return run_training(opt, stop)
+
+
+def parse_options(kwargs):
+    """Options for this process; under torchrun it joins the process group first."""
     opt = DefaultConfig()._parse(kwargs, verbose=distributed.rank_from_env() == 0)
     opt.device = distributed.setup(opt.use_gpu)
-    try:
-        with GracefulStop() as stop:
-            return run_training(opt, stop)
-    finally:
-        distributed.cleanup()
+    return opt
 
 
 def run_training(opt, stop):
@@ -353,17 +356,18 @@ def load_trained_model(opt):
 
 def val(**kwargs):
     """Evaluate a checkpoint on the validation split: confusion matrix, accuracies, log loss."""
-    opt = DefaultConfig()._parse(kwargs)
+    opt = parse_options(kwargs)
     model = load_trained_model(opt)
     _, val_data = load_datasets(opt, model)
     skipped = SkippedFiles()
     meter = evaluate(model, build_loader(val_data, opt.batch_size, False, opt.num_workers,
-                                         opt.use_gpu), opt, skipped)
-    print(f'validation images: {meter.total}\n'
-          f'confusion matrix (rows true cat/dog, columns predicted): {meter.cm.tolist()}\n'
-          f'accuracy from the confusion matrix: {meter.accuracy_cm:.2f}%\n'
-          f'accuracy from correct counts:       {meter.accuracy_counts:.2f}%\n'
-          f'log loss: {meter.log_loss:.4f}')
+                                         opt.use_gpu), opt, skipped).all_reduce(opt.device)
+    if distributed.is_main():
+        print(f'validation images: {meter.total}\n'
+              f'confusion matrix (rows true cat/dog, columns predicted): {meter.cm.tolist()}\n'
+              f'accuracy from the confusion matrix: {meter.accuracy_cm:.2f}%\n'
+              f'accuracy from correct counts:       {meter.accuracy_counts:.2f}%\n'
+              f'log loss: {meter.log_loss:.4f}')
     if skipped.summary():
         warnings.warn(skipped.summary())
     return meter
@@ -371,20 +375,25 @@ def val(**kwargs):
 
 @torch.inference_mode()
 def test(**kwargs):
-    """Write opt.result_file: `id,label` per test image, label = probability of dog."""
-    opt = DefaultConfig()._parse(kwargs)
+    """Write opt.result_file: `id,label` per test image, label = probability of dog.
+    Under torchrun each rank predicts its share and rank 0 writes the whole CSV."""
+    opt = parse_options(kwargs)
     model = load_trained_model(opt).eval()
     test_data = DogCat(opt.test_data_root, mode='test', image_size=opt.image_size,
                        mean=model.input_mean, std=model.input_std)
     loader = build_loader(test_data, opt.batch_size, False, opt.num_workers, opt.use_gpu)
     skipped = SkippedFiles()
     rows = []
-    for images, ids, bad in tqdm(loader, desc='test', leave=False, disable=not sys.stderr.isatty()):
+    for images, ids, bad in tqdm(loader, desc='test', leave=False,
+                                 disable=not sys.stderr.isatty() or not distributed.is_main()):
         skipped.add(bad)
         if images is None:
             continue
         probability_dog = torch.softmax(model(images.to(opt.device)).float(), dim=1)[:, 1]
         rows += zip(ids.tolist(), probability_dog.cpu().tolist())
+    rows = distributed.gather_to_main(rows)
+    if not distributed.is_main():
+        return None
     write_csv(opt.result_file, sorted(rows))
     print(f'wrote {len(rows)} predictions to {opt.result_file}')
     if skipped.summary():

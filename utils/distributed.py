@@ -4,6 +4,7 @@
 `torchrun --nproc_per_node=N main.py train ...` sets WORLD_SIZE, RANK and LOCAL_RANK;
 a plain `python main.py` is a world of one and every helper here is then a no-op.
 """
+import atexit
 import os
 
 import torch
@@ -21,6 +22,7 @@ def setup(use_gpu):
     backend = 'nccl' if use_gpu else 'gloo'
     if not dist.is_initialized():
         dist.init_process_group(backend)
+        atexit.register(cleanup)
     if backend == 'nccl':
         local_rank = int(os.environ['LOCAL_RANK'])
         torch.cuda.set_device(local_rank)
