@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import socket
+import subprocess
 import sys
 import time
 import warnings
@@ -189,6 +190,16 @@ def test_run_with_server_stops_only_the_server_it_started(tmp_path, server, monk
     port = free_port()
     assert visdom_server.run_with_server(
         [sys.executable, '-c', probe % port, f'--vis_port={port}']) == 0
+    assert not visdom_server.page_answers(port)
+
+    # killed mid-run (SIGTERM to the wrapper): the run ends, and so does its server
+    wrapper = subprocess.Popen([sys.executable, '-m', 'utils.visdom_server', sys.executable,
+                                '-c', 'import time; time.sleep(60)', f'--vis_port={port}'],
+                               cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                               stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+    assert wait_for(lambda: visdom_server.page_answers(port), timeout=60)
+    wrapper.terminate()
+    assert wrapper.wait(timeout=30) != 0
     assert not visdom_server.page_answers(port)
 
     running, process = server

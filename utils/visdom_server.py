@@ -5,7 +5,7 @@
 
 runs the command with a server on --vis_port (default 8097): `./run.sh` uses it.
 """
-import os
+import signal
 import subprocess
 import sys
 import time
@@ -48,14 +48,17 @@ def start(port, env_path=None, log_path=None, bind_local=False, timeout=60):
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
                                start_new_session=True)  # Ctrl-C goes to the run, not the server
     deadline = time.monotonic() + timeout
-    while not page_answers(port):
-        if process.poll() is not None or time.monotonic() > deadline:
-            stop(process)
-            where = f'; its output is in {log_path}' if log_path else ''
-            raise UserError(f'the Visdom server on port {port} did not start{where}. '
-                            f'Try `python -m visdom.server -port {port}` to see why, '
-                            f'or pick a free port with --vis_port')
-        time.sleep(0.2)
+    try:
+        while not page_answers(port):
+            if process.poll() is not None or time.monotonic() > deadline:
+                where = f'; its output is in {log_path}' if log_path else ''
+                raise UserError(f'the Visdom server on port {port} did not start{where}. '
+                                f'Try `python -m visdom.server -port {port}` to see why, '
+                                f'or pick a free port with --vis_port')
+            time.sleep(0.2)
+    except BaseException:  # also Ctrl-C or SIGTERM while waiting: no orphan server
+        stop(process)
+        raise
     return process
 
 
@@ -80,6 +83,16 @@ def option(argv, name, default):
     return default
 
 
+def wait(child):
+    """The child's exit status. Ctrl-C reaches the child too, and training stops on it
+    gracefully (it saves a checkpoint), so it is waited for, not killed."""
+    while True:
+        try:
+            return child.wait()
+        except KeyboardInterrupt:
+            pass
+
+
 def run_with_server(command):
     """Run `command` (a main.py command line) with a Visdom server on its --vis_port;
     start one when none answers and stop that one afterwards. Returns the exit status."""
@@ -88,20 +101,30 @@ def run_with_server(command):
     host = urlparse(option(command, 'vis_server', DefaultConfig.vis_server)).hostname
     vis = option(command, 'vis', 'True').lower() not in ('false', '0', 'no')
     env = option(command, 'env', 'demo' if 'demo' in command else DefaultConfig.env)
-    process = None
-    if vis and host in LOCAL_HOSTS and not page_answers(port):
-        print(f'starting a Visdom server on port {port}')
-        process = start(port)
-    if vis:
-        print(f'Visdom plots: http://localhost:{port}/env/{env}')
+    process = child = None
+    status = 130
+
+    def on_sigterm(*_):  # `kill` of this wrapper: pass it on; `finally` stops the server
+        if child is None:
+            raise SystemExit(143)
+        child.terminate()
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
     try:
-        status = subprocess.call(command)
+        if vis and host in LOCAL_HOSTS and not page_answers(port):
+            print(f'starting a Visdom server on port {port}')
+            process = start(port)
+        if vis:
+            print(f'Visdom plots: http://localhost:{port}/env/{env}')
+        child = subprocess.Popen(command)
+        status = wait(child)
         if process is not None and sys.stdin.isatty():
             input(f'Visdom keeps showing the plots at http://localhost:{port}; '
                   f'press Enter to stop the server ')
-    except KeyboardInterrupt:
-        status = 130
+    except (KeyboardInterrupt, EOFError):
+        print()
     finally:
+        signal.signal(signal.SIGTERM, previous)
         if process is not None:
             stop(process)
             print('Visdom server stopped')
