@@ -262,3 +262,15 @@ def test_learning_rate_options_are_checked():
     assert (opt.backbone_lr, opt.classifier_lr) == (1e-5, 0.01)
     with pytest.raises(ConfigError, match="--classifier_lr must be a learning rate >= 0.*'fast'"):
         DefaultConfig()._parse({'classifier_lr': 'fast'}, verbose=False)
+
+
+def test_kaiming_init_scales_depthwise_convs_by_their_own_fan_out():
+    """A depthwise 3x3 conv feeds 9 outputs per input: std sqrt(2/9), not sqrt(2/(9*C)),
+    or a from-scratch MobileNet's signal vanishes before the head."""
+    torch.manual_seed(0)
+    model = build_model('MobileNetV2', pretrained=False)
+    depthwise = model.backbone.features[1].conv[0][0]
+    assert depthwise.groups == depthwise.out_channels == 32
+    assert depthwise.weight.std().item() == pytest.approx((2 / 9) ** 0.5, rel=0.15)
+    pointwise = model.backbone.features[1].conv[1]
+    assert pointwise.weight.std().item() == pytest.approx((2 / 16) ** 0.5, rel=0.15)
