@@ -14,6 +14,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from typing import Callable
+from urllib.parse import urlparse
 
 import numpy as np
 import torch
@@ -84,8 +85,11 @@ def build_setup(opt, load_datasets, train_one_epoch):
 
     def step(model, optimizer, criterion, images, targets):
         # one batch through train's own epoch loop: zero_grad, forward, backward, step
-        meter = train_one_epoch(model, [(images, targets, [])], criterion, optimizer, opt, 0,
-                                SkippedFiles(), None)
+        try:
+            meter = train_one_epoch(model, [(images, targets, [])], criterion, optimizer, opt, 0,
+                                    SkippedFiles(), None)
+        except UserError:  # train stops on a NaN/inf loss before stepping: for a check, a finding
+            return math.nan
         return meter.mean_loss
 
     return Setup(model, optimizer, nn.CrossEntropyLoss(), loader, train_data, val_data, step, opt,
@@ -96,10 +100,12 @@ def live_visualizer(opt):
     """A Visualizer when --vis=True and a Visdom server answers; else None (PNGs only)."""
     if not opt.vis:
         return None
-    from utils.visualize import Visualizer, server_is_up
-    if not server_is_up(opt.vis_server, opt.vis_port):
+    from utils.visdom_server import page_answers
+    from utils.visualize import Visualizer
+    host = urlparse(opt.vis_server if '://' in opt.vis_server else f'http://{opt.vis_server}').hostname
+    if not page_answers(opt.vis_port, host or 'localhost'):
         return None
-    return Visualizer(env=opt.env, port=opt.vis_port, server=opt.vis_server)
+    return Visualizer(env=opt.env, port=opt.vis_port, server=opt.vis_server, log_warnings=False)
 
 
 def draw_batches(loader, min_batches=4, min_images=64, max_batches=16):
@@ -745,7 +751,9 @@ def run_doctor(opt, load_datasets, train_one_epoch):
     print(f'{counts[PASS]} passed, {counts[WARN]} warnings, {counts[FAIL]} failed '
           f'in {time.time() - started:.0f} s')
     if setup.vis is not None:
-        setup.vis.log('<br>'.join(r.line() for r in results), win='doctor')
+        for result in results:
+            setup.vis.log(result.line(), win='doctor')
+        setup.vis.close()  # deliver the queued plots before the process ends
     return counts[FAIL] > 0
 
 
