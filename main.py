@@ -428,8 +428,14 @@ def demo(**kwargs):
     return state
 
 
-def help():
-    """Print the commands and every option with its default."""
+def help(markdown=False):
+    """Print the commands and every option with its default (--markdown: the README table)."""
+    if markdown:
+        print('| option | default | meaning |\n|---|---|---|')
+        for name, default, meaning in option_help():
+            shown = 'GPU if present' if name == 'use_gpu' else f'`{default!r}`'
+            print(f'| `--{name}` | {shown} | {meaning} |')
+        return
     print(__doc__)
     print('options (--name=value; --max-epoch and --max_epoch are the same):')
     for name, default, meaning in option_help():

@@ -57,3 +57,10 @@ def test_cli_help_lists_every_option_with_default():
     assert result.returncode == 0
     for name, default, _ in option_help():
         assert f'--{name}' in result.stdout and repr(default) in result.stdout
+
+
+def test_readme_documents_every_option():
+    with open(f'{ROOT}/README.md') as f:
+        readme = f.read()
+    missing = [name for name in option_names() if f'`--{name}`' not in readme]
+    assert not missing, f'README option table lacks {missing}: paste `python main.py help --markdown`'
