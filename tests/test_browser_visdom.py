@@ -148,7 +148,7 @@ def test_training_page_shows_every_pane(offline_server, fast_options, tmp_path):
                       print_freq=1))
     browser = Browser(tmp_path / 'profile')
     try:
-        browser.call('Emulation.setDeviceMetricsOverride', width=1400, height=1050,
+        browser.call('Emulation.setDeviceMetricsOverride', width=1400, height=1200,
                      deviceScaleFactor=1, mobile=False)
         browser.call('Page.navigate', url=f'http://localhost:{port}/env/browser')
         # all seven panes, the plots drawn and the grid decoded

@@ -165,12 +165,13 @@ def test_image_grid_denormalises_and_captions_each_image(tmp_path):
     grid = np.asarray(Image.open(io.BytesIO(png)))
     corner = 3  # visdom's grid: a 1-pixel border plus the 2-pixel padding
     assert abs(int(grid[corner, corner, 0]) - 191) <= 1  # the original pixels, not the normalised
-    assert abs(int(grid[corner + 63, corner, 0]) - 64) <= 1
+    assert abs(int(grid[corner + 95, corner, 0]) - 64) <= 1
 
     tile = captioned(pixels[0].numpy(), 'cat')
-    assert tile.shape == (3, 64 + 14, 64)  # scaled up to 64 pixels, caption strip below
-    assert abs(int(tile[0, 0, 0]) - 191) <= 1 and abs(int(tile[0, 63, 0]) - 64) <= 1
-    strip = tile[:, 64:]
+    assert tile.shape == (3, 96 + 14, 96)  # shown 96 pixels wide, caption strip below
+    assert abs(int(tile[0, 0, 0]) - 191) <= 1 and abs(int(tile[0, 95, 0]) - 64) <= 1
+    assert captioned(np.zeros((3, 224, 224)), 'dog').shape == (3, 96 + 14, 96)
+    strip = tile[:, 96:]
     assert (strip < 128).any() and (strip == 255).any()  # dark text on white
 
 

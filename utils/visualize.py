@@ -9,6 +9,7 @@ probed every few seconds, and when it answers again every window is redrawn in f
 `python main.py replay --file=LOG` sends a recorded log to a server later.
 """
 import atexit
+import functools
 import html
 import json
 import math
@@ -22,7 +23,7 @@ from urllib.parse import urlparse
 import numpy as np
 import requests
 import visdom
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 from utils.errors import UserError
 from utils.visdom_server import page_answers
@@ -260,15 +261,22 @@ def torch_like(images, values):
     return images.new_tensor(values).view(1, -1, 1, 1)
 
 
-def captioned(image, caption, min_side=64, strip=14):
-    """One image (3,H,W in [0,1]) scaled up to at least `min_side` pixels, with
+@functools.cache
+def caption_font():
+    return ImageFont.load_default()
+
+
+def captioned(image, caption, width=96, strip=14):
+    """One image (3,H,W in [0,1]) resized to `width` pixels across (small enough for a
+    batch of 224-pixel images to fit the page, large enough to see 32-pixel ones), with
     `caption` written in a white strip below it; returned as uint8 (3,H',W')."""
     picture = Image.fromarray((image.transpose(1, 2, 0) * 255).round().astype(np.uint8))
-    scale = max(1, math.ceil(min_side / min(picture.size)))
-    picture = picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST)
-    tile = Image.new('RGB', (picture.width, picture.height + strip), 'white')
+    height = round(width * picture.height / picture.width)
+    picture = picture.resize((width, height),
+                             Image.NEAREST if width >= picture.width else Image.BILINEAR)
+    tile = Image.new('RGB', (width, height + strip), 'white')
     tile.paste(picture, (0, 0))
-    ImageDraw.Draw(tile).text((2, picture.height + 1), str(caption), fill='black')
+    ImageDraw.Draw(tile).text((2, height + 1), str(caption), fill='black', font=caption_font())
     return np.asarray(tile).transpose(2, 0, 1)
 
 
