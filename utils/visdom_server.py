@@ -113,9 +113,12 @@ def run_with_server(command):
     try:
         if vis and host in LOCAL_HOSTS and not page_answers(port):
             print(f'starting a Visdom server on port {port}')
-            process = start(port)
-        if vis:
-            print(f'Visdom plots: http://localhost:{port}/env/{env}')
+            try:
+                process = start(port)
+            except UserError as exc:  # the run goes on, recording its plots
+                print(f'warning: {exc}', file=sys.stderr)
+        if vis and (process is not None or page_answers(port, host)):
+            print(f'Visdom plots: http://{host}:{port}/env/{env}')
         child = subprocess.Popen(command)
         status = wait(child)
         if process is not None and sys.stdin.isatty():
