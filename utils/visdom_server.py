@@ -5,6 +5,7 @@
 
 runs the command with a server on --vis_port (default 8097): `./run.sh` uses it.
 """
+import os
 import signal
 import subprocess
 import sys
@@ -14,9 +15,7 @@ from urllib.parse import urlparse
 
 from utils.errors import UserError
 
-LOCAL_HOSTS = ('localhost', '127.0.0.1', '::1')
-
-
+LOCAL_HOSTS = ('localhost', '127.0.0.1')
 # Straight to the server: an http_proxy without a no_proxy for localhost must not hide it.
 DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
@@ -44,9 +43,9 @@ def start(port, env_path=None, log_path=None, bind_local=False, timeout=60):
         command += ['-env_path', env_path]
     if bind_local:
         command.append('-bind_local')
-    log = open(log_path, 'ab') if log_path else subprocess.DEVNULL
-    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
-                               start_new_session=True)  # Ctrl-C goes to the run, not the server
+    with open(log_path or os.devnull, 'ab') as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
+                                   start_new_session=True)  # Ctrl-C: to the run, not the server
     deadline = time.monotonic() + timeout
     try:
         while not page_answers(port):
