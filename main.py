@@ -74,21 +74,42 @@ def current_lrs(optimizer):
     return [group['lr'] for group in optimizer.param_groups]
 
 
+def cosine_lr_factor(step, total_steps, warmup_fraction=0.1):
+    """Linear warm-up over the first steps, then half a cosine down to 0."""
+    warmup = max(1, int(total_steps * warmup_fraction))
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+    return 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def cosine_schedule(optimizer, epoch, steps_per_epoch, max_epoch):
+    """--lr_schedule=cosine: each group's lr follows its initial lr times the factor
+    of the global step, so a resumed run lands on the same values."""
+    def set_lrs(step):
+        factor = cosine_lr_factor(epoch * steps_per_epoch + step, max_epoch * steps_per_epoch)
+        for group in optimizer.param_groups:
+            group['lr'] = group['initial_lr'] * factor
+    return set_lrs
+
+
 class TrainingDiverged(UserError):
     pass
 
 
 def train_one_epoch(model, loader, criterion, optimizer, opt, epoch, skipped, vis, stop=None,
-                    meter=None, start_step=0):
+                    meter=None, start_step=0, schedule=None):
     """One pass over the training loader. With `stop` (a GracefulStop) it returns early
     after the step during which a signal arrived; `meter` and `start_step` continue an
-    interrupted epoch."""
+    interrupted epoch; `schedule(step)` sets the learning rates before each step."""
     model.train()
     meter = meter or ClassificationMeter()
     bar = tqdm(loader, desc=f'epoch {epoch}', leave=False, dynamic_ncols=True,
                disable=not sys.stderr.isatty() or not distributed.is_main())
     for step, (images, targets, bad) in enumerate(bar, start=start_step):
         skipped.add(bad)
+        if schedule is not None:
+            schedule(step)
         if images is not None and images.size(0) >= 2:  # BatchNorm cannot train on one image
             if vis is not None and step == 0 and images.dim() == 4:  # do batches mix cats and dogs?
                 net = getattr(model, 'module', model)
@@ -153,11 +174,11 @@ def format_epoch(epoch, lrs, train_meter, val_meter):
 
 def load_datasets(opt, model):
     """Train and val splits, normalised with the model's own input constants."""
-    norm = dict(mean=model.input_mean, std=model.input_std)
-    train_data = DogCat(opt.train_data_root, mode='train', val_ratio=opt.val_ratio,
-                        seed=opt.seed, image_size=opt.image_size, augment=opt.augment, **norm)
-    val_data = DogCat(opt.train_data_root, mode='val', val_ratio=opt.val_ratio,
-                      seed=opt.seed, image_size=opt.image_size, **norm)
+    common = dict(val_ratio=opt.val_ratio, seed=opt.seed, image_size=opt.image_size,
+                  mean=model.input_mean, std=model.input_std, preload=opt.preload,
+                  num_workers=opt.num_workers)
+    train_data = DogCat(opt.train_data_root, mode='train', augment=opt.augment, **common)
+    val_data = DogCat(opt.train_data_root, mode='val', **common)
     return train_data, val_data
 
 
@@ -235,9 +256,11 @@ def run_training(opt, stop):
         print(f'{len(train_data)} training and {len(val_data)} validation images'
               + (f' on {distributed.world_size()} processes' if distributed.world_size() > 1 else ''))
 
-    criterion = nn.CrossEntropyLoss()
+    criterion = nn.CrossEntropyLoss(label_smoothing=opt.label_smoothing)
     optimizer = model.get_optimizer(opt.lr, opt.weight_decay, opt.optimizer, opt.momentum,
                                     opt.backbone_lr, opt.classifier_lr)
+    for group in optimizer.param_groups:
+        group['initial_lr'] = group['lr']  # the cosine schedule scales from here
     state, partial_meter = restore_training_state(model, optimizer, opt)
     if state['epoch'] >= opt.max_epoch and main_rank:
         print(f'the checkpoint has trained {state["epoch"]} epochs already: '
@@ -252,14 +275,17 @@ def run_training(opt, stop):
     if distributed.world_size() > 1:
         model = nn.parallel.DistributedDataParallel(model)
 
+    steps_per_epoch = len(train_loader)
     for epoch in range(state['epoch'], opt.max_epoch):
+        schedule = (cosine_schedule(optimizer, epoch, steps_per_epoch, opt.max_epoch)
+                    if opt.lr_schedule == 'cosine' else None)
         sampler = train_loader.sampler
         if hasattr(sampler, 'set_epoch'):
             sampler.set_epoch(epoch)
             sampler.skip = state['batches_done'] * opt.batch_size
         train_meter = train_one_epoch(model, train_loader, criterion, optimizer, opt, epoch,
                                       skipped, vis, stop=stop, meter=partial_meter,
-                                      start_step=state['batches_done'])
+                                      start_step=state['batches_done'], schedule=schedule)
         partial_meter = None
         if hasattr(sampler, 'skip'):
             sampler.skip = 0
@@ -292,7 +318,9 @@ def run_training(opt, stop):
 
         # every rank sees the same reduced loss, so every rank takes the same decision
         loss = train_meter.mean_loss
-        if decay_lr_if_loss_rose(optimizer, loss, state['previous_loss'], opt.lr_decay) and main_rank:
+        decayed = (opt.lr_schedule == 'loss' and
+                   decay_lr_if_loss_rose(optimizer, loss, state['previous_loss'], opt.lr_decay))
+        if decayed and main_rank:
             print(f'loss rose ({state["previous_loss"]:.4f} -> {loss:.4f}): lr x {opt.lr_decay} '
                   f'-> {current_lrs(optimizer)}')
         state.update(epoch=epoch + 1, batches_done=0, previous_loss=loss)
@@ -319,7 +347,7 @@ def opt_overrides(opt):
 
 
 def epoch_record(epoch, lrs, train_meter, val_meter):
-    return dict(epoch=epoch, lrs=lrs, loss=train_meter.mean_loss,
+    return dict(epoch=epoch, lrs=lrs, loss=train_meter.mean_loss, time=time.time(),
                 train_acc_cm=train_meter.accuracy_cm, train_acc_count=train_meter.accuracy_counts,
                 val_acc_cm=val_meter.accuracy_cm, val_acc_count=val_meter.accuracy_counts,
                 val_log_loss=val_meter.log_loss, val_cm=val_meter.cm.tolist())

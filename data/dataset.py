@@ -7,6 +7,7 @@ Two layouts are understood for labelled data:
 and for test data the Kaggle test1/ folder: root/1.jpg, root/2.jpg, ...
 """
 import itertools
+import multiprocessing
 import os
 import re
 import signal
@@ -112,6 +113,29 @@ def default_transforms(mode, image_size, mean=IMAGENET_MEAN, std=IMAGENET_STD, a
     return T.Compose([T.Resize(image_size), T.CenterCrop(image_size), T.ToTensor(), normalize])
 
 
+def preloaded_transforms(mode, image_size, mean=IMAGENET_MEAN, std=IMAGENET_STD, augment=True):
+    """For images already decoded to uint8 tensors at 9/8 of image_size: random crop and
+    flip on the small uint8 tensor (cheap), then float and normalise."""
+    steps = ([T.RandomCrop(image_size), T.RandomHorizontalFlip()] if mode == 'train' and augment
+             else [T.CenterCrop(image_size)])
+    return T.Compose(steps + [T.ConvertImageDtype(torch.float32), T.Normalize(mean, std)])
+
+
+def preload_size(image_size):
+    return (image_size * 9 + 7) // 8
+
+
+def decode_small(job):
+    """(path, size) -> uint8 CHW tensor, resized and centre-cropped to size, or Skipped."""
+    path, size = job
+    try:
+        img = load_rgb(path)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        return Skipped(path, f'{type(exc).__name__}: {exc}')
+    img = T.functional.center_crop(T.functional.resize(img, size), size)
+    return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).contiguous()
+
+
 def load_rgb(path):
     """Open any image PIL reads (grayscale, RGBA, palette, CMYK, ...) as RGB."""
     with Image.open(path) as img:
@@ -122,7 +146,8 @@ def load_rgb(path):
 
 class DogCat(data.Dataset):
     def __init__(self, root, transforms=None, mode='train', val_ratio=0.3, seed=100,
-                 image_size=224, mean=IMAGENET_MEAN, std=IMAGENET_STD, augment=True):
+                 image_size=224, mean=IMAGENET_MEAN, std=IMAGENET_STD, augment=True,
+                 preload=False, num_workers=0):
         if mode not in ('train', 'val', 'test'):
             raise ValueError(f"mode must be 'train', 'val' or 'test', not {mode!r}")
         self.mode = mode
@@ -137,11 +162,26 @@ class DogCat(data.Dataset):
                                 f'cats and dogs. {GET_DATA_HINT}')
             train, val = split_train_val(samples, val_ratio, seed)
             self.samples = train if mode == 'train' else val
+        self.cache = None
+        if preload:
+            self.cache = self.decode_all(preload_size(image_size), num_workers)
+            transforms = transforms or preloaded_transforms(mode, image_size, mean, std, augment)
         self.transforms = transforms or default_transforms(mode, image_size, mean, std, augment)
+
+    def decode_all(self, size, num_workers):
+        """Decode every image once, in parallel: later epochs only crop and flip."""
+        jobs = [(path, size) for path, _ in self.samples]
+        if num_workers > 0:
+            with multiprocessing.get_context('fork').Pool(num_workers) as pool:
+                return pool.map(decode_small, jobs, chunksize=64)
+        return [decode_small(job) for job in jobs]
 
     def __getitem__(self, index):
         """(image tensor, label) in train/val mode, (image tensor, id) in test mode."""
         path, target = self.samples[index]
+        if self.cache is not None:
+            image = self.cache[index]
+            return image if isinstance(image, Skipped) else (self.transforms(image), target)
         try:
             img = load_rgb(path)
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:

@@ -186,7 +186,23 @@ class BasicModule(nn.Module):
             return torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay)
         if optimizer == 'adam':
             return torch.optim.Adam(groups, lr=lr, weight_decay=weight_decay)
-        raise UserError(f'--optimizer must be adam or sgd, not {optimizer!r}')
+        if optimizer == 'adamw':
+            return torch.optim.AdamW(without_decay_on_norms(groups, weight_decay), lr=lr,
+                                     weight_decay=weight_decay)
+        raise UserError(f'--optimizer must be adam, sgd or adamw, not {optimizer!r}')
+
+
+def without_decay_on_norms(groups, weight_decay):
+    """Split each group: weights decay, biases and norm scales (1-d tensors) do not;
+    shrinking a BatchNorm scale towards 0 only hurts."""
+    split = []
+    for group in groups:
+        for suffix, decay, params in (('', weight_decay, [p for p in group['params'] if p.ndim > 1]),
+                                      ('_no_decay', 0.0, [p for p in group['params'] if p.ndim <= 1])):
+            if params:
+                split.append(dict(group, name=group['name'] + suffix, params=params,
+                                  weight_decay=decay))
+    return split
 
 
 def read_weights(path):
