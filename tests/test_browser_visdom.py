@@ -151,10 +151,12 @@ def test_training_page_shows_every_pane(offline_server, fast_options, tmp_path):
         browser.call('Emulation.setDeviceMetricsOverride', width=1400, height=1200,
                      deviceScaleFactor=1, mobile=False)
         browser.call('Page.navigate', url=f'http://localhost:{port}/env/browser')
-        # all seven panes, the plots drawn and the grid decoded
+        # all seven panes, the plots drawn, the grid decoded, and the last epoch's log line
+        # (sent last, in order: everything before it has arrived)
         ready = ('document.querySelectorAll(".window").length >= 7 && '
                  'document.querySelectorAll(".js-plotly-plot .main-svg").length >= 5 && '
-                 'Array.from(document.images).some(i => i.complete && i.naturalWidth > 0)')
+                 'Array.from(document.images).some(i => i.complete && i.naturalWidth > 0) && '
+                 '(document.body.innerText.match(/epoch:1,/g) || []).length == 1')
         assert browser.wait_for(ready), browser.evaluate('document.body.innerHTML.slice(0, 2000)')
         browser.wait_until_still('JSON.stringify(Array.from(document.querySelectorAll(".window"))'
                                  '.map(w => w.getBoundingClientRect()))')
