@@ -1,0 +1,60 @@
+"""The CPU recipe's pieces: preloaded images, AdamW without decay on norms, cosine."""
+import warnings
+
+import pytest
+import torch
+
+import main
+from data.dataset import DogCat, SkippedFiles, Skipped, build_loader
+from data.synthetic import make_labelled_images
+from models import SmallResNet
+
+
+def test_cosine_schedule_warms_up_then_decays_to_zero():
+    factors = [main.cosine_lr_factor(step, 100) for step in range(100)]
+    assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(factors[9:], factors[10:]))
+    assert factors[-1] < 0.001
+
+
+def test_adamw_spares_biases_and_norm_scales():
+    model = SmallResNet()
+    optimizer = model.get_optimizer(0.001, 0.05, 'adamw')
+    assert isinstance(optimizer, torch.optim.AdamW)
+    by_name = {g['name']: g for g in optimizer.param_groups}
+    assert by_name['all']['weight_decay'] == 0.05
+    assert by_name['all_no_decay']['weight_decay'] == 0.0
+    assert all(p.ndim > 1 for p in by_name['all']['params'])
+    assert all(p.ndim == 1 for p in by_name['all_no_decay']['params'])
+    assert sum(len(g['params']) for g in optimizer.param_groups) == len(list(model.parameters()))
+
+
+def test_preloaded_images_match_the_listing_and_skip_bad_files(tmp_path):
+    make_labelled_images(str(tmp_path), 10, size=40)
+    (tmp_path / 'dog.3.jpg').write_text('not an image')
+    plain = DogCat(str(tmp_path), mode='val', image_size=32)
+    cached = DogCat(str(tmp_path), mode='val', image_size=32, preload=True, num_workers=2)
+    assert cached.samples == plain.samples
+    assert all(c.dtype == torch.uint8 and c.shape == (3, 36, 36)
+               for c in cached.cache if not isinstance(c, Skipped))
+    loader = build_loader(cached, 4, False, 0)
+    skipped = SkippedFiles()
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter('always')
+        count = 0
+        for images, _, bad in loader:
+            skipped.add(bad)
+            count += 0 if images is None else len(images)
+            assert images is None or images.dtype == torch.float32
+    bad_in_val = sum('dog.3.jpg' in p for p, _ in cached.samples)
+    assert count == len(cached) - bad_in_val and len(skipped.seen) == bad_in_val
+
+
+def test_the_cpu_recipe_learns(fast_options):
+    result = main.train(**dict(fast_options, preload=True, optimizer='adamw', lr=3e-3,
+                               weight_decay=0.05, label_smoothing=0.1, lr_schedule='cosine',
+                               max_epoch=10, batch_size=8))
+    history = result['history']
+    assert max(r['val_acc_cm'] for r in history) >= 90.0
+    assert history[-1]['lrs'][0] < 0.1 * 3e-3  # cosine reached the bottom
+    assert all(r['lrs'][0] > 0 for r in history)
