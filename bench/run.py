@@ -1,0 +1,143 @@
+# coding: utf8
+"""Book-style pipeline vs ours, measured side by side in one process.
+
+    .venv/bin/python bench/run.py [--repeats=5] [--threads=2]
+
+Rows: this machine's fp32 matmul peak; data-pipeline images/s in one worker (the
+book's per-image PIL + float transforms vs our decode-once uint8 path); train-step and
+eval images/s per model, with the achieved GFLOP/s against the matmul peak. Each
+number is the median of --repeats timed runs after a warm-up. Run it on an idle
+machine: it prints a markdown table to paste into bench/RESULTS.md.
+"""
+import os
+import statistics
+import sys
+import time
+
+import fire
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+from torchvision import transforms as T
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from data.dataset import (IMAGENET_MEAN, IMAGENET_STD, decode_small, load_rgb,  # noqa: E402
+                          preload_size, preloaded_transforms)
+from models import build_model  # noqa: E402
+
+SHARED = os.path.join(ROOT, '..', 'shared', 'data', 'dogcat', 'train')
+
+
+def median_rate(fn, items, repeats):
+    """Median items/s of fn() over `repeats` runs, after one warm-up run."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return items / statistics.median(times)
+
+
+def matmul_peak_gflops(repeats):
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    return median_rate(lambda: torch.mm(a, b), 2 * 2048 ** 3, repeats) / 1e9
+
+
+def book_train_transform(size):
+    return T.Compose([T.Resize(256 * size // 224), T.RandomResizedCrop(size), T.RandomHorizontalFlip(),
+                      T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
+def pipeline_rows(paths, size, repeats):
+    book = book_train_transform(size)
+    ours = preloaded_transforms('train', size)
+    cached = [decode_small((p, preload_size(size))) for p in paths]
+    book_rate = median_rate(lambda: [book(load_rgb(p)) for p in paths], len(paths), repeats)
+    decode_rate = median_rate(lambda: [decode_small((p, preload_size(size))) for p in paths],
+                              len(paths), repeats)
+    ours_rate = median_rate(lambda: [ours(c) for c in cached], len(paths), repeats)
+    return [(f'data, train transforms, {size} px, 1 worker', 'book: PIL decode + float transforms per image',
+             book_rate, f'ours (--preload): uint8 crop+flip per epoch', ours_rate),
+            (f'data, one-time decode for --preload, {size} px', 'book: per image, every epoch',
+             book_rate, 'ours: once per run', decode_rate)]
+
+
+def flops_per_image(model, size):
+    with FlopCounterMode(display=False) as counter:
+        model(torch.randn(1, 3, size, size))
+    return counter.get_total_flops()
+
+
+def train_rate(model, size, batch, repeats, channels_last):
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    model = model.to(memory_format=fmt).train()
+    x = torch.randn(batch, 3, size, size).contiguous(memory_format=fmt)
+    y = torch.randint(0, 2, (batch,))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+    def step():
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return median_rate(step, batch, repeats)
+
+
+def eval_rate(model, size, batch, repeats, fast):
+    fmt = torch.channels_last if fast else torch.contiguous_format
+    model = model.to(memory_format=fmt).eval()
+    x = torch.randn(batch, 3, size, size).contiguous(memory_format=fmt)
+    context = torch.inference_mode if fast else torch.no_grad
+
+    def forward():
+        with context():
+            model(x)
+    return median_rate(forward, batch, repeats)
+
+
+def model_rows(name, size, batch, repeats, peak):
+    torch.manual_seed(0)
+    model = build_model(name, pretrained=False)
+    flops = flops_per_image(model, size)  # forward; a train step is about 3x
+    rows = []
+    book = train_rate(model, size, batch, repeats, channels_last=False)
+    ours = train_rate(model, size, batch, repeats, channels_last=True)
+    rows.append((f'train step, {name} {size} px, batch {batch}', 'fp32 NCHW', book,
+                 'fp32 channels-last', ours, 3 * flops, peak))
+    book = eval_rate(model, size, batch, repeats, fast=False)
+    ours = eval_rate(model, size, batch, repeats, fast=True)
+    rows.append((f'eval, {name} {size} px, batch {batch}', 'no_grad NCHW', book,
+                 'inference_mode channels-last', ours, flops, peak))
+    return rows
+
+
+def percent_of_peak(rate, flops, peak):
+    return f'{rate * flops / 1e9:.0f} GFLOP/s ({100 * rate * flops / 1e9 / peak:.0f}%)'
+
+
+def main(repeats=5, threads=2, images=64):
+    torch.set_num_threads(threads)
+    peak = matmul_peak_gflops(repeats)
+    print(f'machine: {os.cpu_count()} cores, torch {torch.__version__}, {threads} threads; '
+          f'fp32 matmul peak {peak:.0f} GFLOP/s\n')
+    print('| what | baseline | img/s | ours | img/s | speed-up | ours vs peak |')
+    print('|---|---|---|---|---|---|---|')
+    if os.path.isdir(SHARED):
+        paths = [os.path.join(SHARED, f'{c}.{i}.jpg') for c in ('cat', 'dog') for i in range(images // 2)]
+        for size in (224, 64):
+            for what, base, base_rate, our, our_rate in pipeline_rows(paths, size, repeats):
+                print(f'| {what} | {base} | {base_rate:.0f} | {our} | {our_rate:.0f} | '
+                      f'{our_rate / base_rate:.2f}x | |')
+    else:
+        print(f'| data pipeline | skipped: {SHARED} not found | | | | | |')
+    for name, size, batch in (('SmallResNet', 64, 64), ('ResNet34', 224, 16)):
+        for what, base, base_rate, our, our_rate, flops, peak in model_rows(name, size, batch,
+                                                                           repeats, peak):
+            print(f'| {what} | {base} | {base_rate:.1f} | {our} | {our_rate:.1f} | '
+                  f'{our_rate / base_rate:.2f}x | {percent_of_peak(our_rate, flops, peak)} |')
+
+
+if __name__ == '__main__':
+    fire.Fire(main, serialize=lambda result: None)
