@@ -27,7 +27,6 @@ from config import DefaultConfig, option_help
 from data.dataset import CLASSES, DogCat, SkippedFiles, build_loader
 from data.synthetic import make_labelled_images, make_test_images
 from models import build_model
-from models.basic_module import atomic_save
 from utils.doctor import collapse_warning, run_doctor
 from utils import distributed
 from utils.errors import UserError
@@ -291,30 +290,13 @@ def run_training(opt, stop):
             sampler.skip = 0
         if stop.requested:
             state['batches_done'] = stop.batches_done
-            if main_rank:
-                net.save(last_path, config=opt.to_dict(), extra=training_checkpoint(
-                    state, optimizer, partial_epoch=train_meter.state_dict()))
-                print(f'saved {last_path} at epoch {epoch}, batch {stop.batches_done}; resume with:\n'
-                      f'    python main.py train --resume={last_path} '
-                      + ' '.join(f'--{k}={v}' for k, v in opt_overrides(opt).items()))
-            if vis is not None:
-                vis.close()
-            raise SystemExit(stop.exit_code)
+            save_and_exit(stop, net, optimizer, opt, state, train_meter, last_path, vis)
         train_meter.all_reduce(opt.device)
         # the bare network: DDP's forward would sync buffers, and ranks' shards differ in size
         val_meter = evaluate(net, val_loader, opt, skipped).all_reduce(opt.device)
-        line = format_epoch(epoch, current_lrs(optimizer), train_meter, val_meter)
         history.append(epoch_record(epoch, current_lrs(optimizer), train_meter, val_meter))
         if main_rank:
-            print(line)
-            if vis is not None:
-                log_epoch_to_visdom(vis, line, current_lrs(optimizer), train_meter, val_meter)
-            alarm = collapse_warning([record['loss'] for record in history], val_meter)
-            if alarm:
-                print(f'!!! {alarm}')
-                warnings.warn(alarm)
-                if vis is not None:
-                    vis.log(f'WARNING: {alarm}')
+            report_epoch(epoch, optimizer, train_meter, val_meter, history, vis)
 
         # every rank sees the same reduced loss, so every rank takes the same decision
         loss = train_meter.mean_loss
@@ -338,6 +320,33 @@ def run_training(opt, stop):
     if vis is not None:
         vis.close()  # deliver the last plots before the process ends
     return dict(state, history=history)
+
+
+def save_and_exit(stop, net, optimizer, opt, state, train_meter, last_path, vis):
+    """After SIGINT/SIGTERM: save the position inside the epoch, say how to resume."""
+    if distributed.is_main():
+        net.save(last_path, config=opt.to_dict(), extra=training_checkpoint(
+            state, optimizer, partial_epoch=train_meter.state_dict()))
+        print(f'saved {last_path} at epoch {state["epoch"]}, batch {state["batches_done"]}; '
+              f'resume with:\n    python main.py train --resume={last_path} '
+              + ' '.join(f'--{k}={v}' for k, v in opt_overrides(opt).items()))
+    if vis is not None:
+        vis.close()
+    raise SystemExit(stop.exit_code)
+
+
+def report_epoch(epoch, optimizer, train_meter, val_meter, history, vis):
+    """The epoch's line on stdout and in Visdom, and the stuck-at-50% alarm."""
+    line = format_epoch(epoch, current_lrs(optimizer), train_meter, val_meter)
+    print(line)
+    if vis is not None:
+        log_epoch_to_visdom(vis, line, current_lrs(optimizer), train_meter, val_meter)
+    alarm = collapse_warning([record['loss'] for record in history], val_meter)
+    if alarm:
+        print(f'!!! {alarm}')
+        warnings.warn(alarm)
+        if vis is not None:
+            vis.log(f'WARNING: {alarm}')
 
 
 def opt_overrides(opt):
