@@ -264,11 +264,14 @@ def test_grid_and_lr_plot_go_to_visdom_when_it_runs(fast_options):
 
 def test_lr_range_analysis_on_a_known_curve():
     lrs = [10 ** (-5 + i / 4) for i in range(20)]
-    # flat, then falling from 1e-4 to its lowest at 1e-2, then rising
-    smoothed = [0.69] * 4 + [0.69 - 0.05 * i for i in range(1, 9)] + [0.3 + 0.1 * i for i in range(8)]
-    suggested, band = doctor.analyse_range(lrs, smoothed)
-    assert band[1] == pytest.approx(1e-2 * 10 ** 0.0, rel=0.01) or band[1] == lrs[11]
-    assert suggested == pytest.approx(band[1] / 10)
+    # flat, falling from 1e-4 (index 4) to its lowest at index 11, then rising
+    falling = [0.69] * 4 + [0.69 - 0.05 * i for i in range(1, 9)]
+    suggested, band = doctor.analyse_range(lrs, falling + [0.3 + 0.1 * i for i in range(8)])
+    assert suggested == pytest.approx(lrs[11] / 10)
+    assert band == pytest.approx((lrs[4] / 10, 3 * lrs[11]))
+    # back above the start right after the minimum: the band stops at the minimum
+    _, band = doctor.analyse_range(lrs, falling + [0.7] * 8)
+    assert band[1] == pytest.approx(lrs[11])
     assert doctor.analyse_range(lrs, [0.69] * 20) == (None, None)
 
 

@@ -136,7 +136,7 @@ def copy_training(model, optimizer):
 def set_lr(optimizer, lr, base_lrs):
     """Scale every group to `lr`, keeping the groups' ratios (backbone vs classifier)."""
     for group, base in zip(optimizer.param_groups, base_lrs):
-        group['lr'] = lr * base / base_lrs[0]
+        group['lr'] = lr * base / (base_lrs[0] or 1.0)
 
 
 # 1. Shuffling -----------------------------------------------------------------------
@@ -191,20 +191,19 @@ def check_gradient_flow(model, optimizer, criterion, step, images, targets):
     in_optimizer = {id(p) for g in optimizer.param_groups for p in g['params']}
     missing = [n for n, p in trainable.items() if id(p) not in in_optimizer]
 
-    # which parameters the loss depends on at all: a detached graph cuts the rest off
-    model.train()
-    loss = criterion(model(images), targets)
-    if loss.requires_grad:
-        reach = torch.autograd.grad(loss, list(trainable.values()), allow_unused=True)
-    else:
-        reach = [None] * len(trainable)
-    cut_off = [n for n, g in zip(trainable, reach) if g is None]
-
     before = {n: p.detach().clone() for n, p in trainable.items()}
     for p in params.values():
         p.grad = None
     step_loss = step(model, optimizer, criterion, images, targets)
-    no_grad = [n for n, p in trainable.items() if p.grad is None and n not in cut_off]
+    no_grad = [n for n, p in trainable.items() if p.grad is None]
+    cut_off = []
+    if no_grad:  # tell a detached graph (the loss does not reach them) from a missing backward()
+        model.train()
+        loss = criterion(model(images), targets)
+        reach = (torch.autograd.grad(loss, [trainable[n] for n in no_grad], allow_unused=True)
+                 if loss.requires_grad else [None] * len(no_grad))
+        cut_off = [n for n, g in zip(no_grad, reach) if g is None]
+        no_grad = [n for n in no_grad if n not in cut_off]
     grads = {n: p.grad for n, p in trainable.items() if p.grad is not None}
     not_finite = [n for n, g in grads.items() if not torch.isfinite(g).all()]
     zero = [n for n, g in grads.items() if n not in not_finite and not g.any()]
@@ -228,7 +227,7 @@ def check_gradient_flow(model, optimizer, criterion, step, images, targets):
         problems.append(f'{len(cut_off)} the loss does not depend on (detached graph): {few(cut_off)}')
         fixes.append('remove .detach(), .data, .item()/.numpy() round trips and torch.no_grad() '
                      'from the forward pass')
-    if no_grad and len(no_grad) == len(trainable) - len(cut_off):
+    if no_grad and not grads:
         problems.append('no gradient at all after the training step')
         fixes.append('call loss.backward() in the training step, before optimizer.step()')
     elif no_grad:
@@ -516,8 +515,8 @@ def check_initialisation(model, images):
 
 # 7. Learning rate -------------------------------------------------------------------
 
-def lr_range_test(model, optimizer, criterion, step, batches, lr_min=1e-5, lr_max=10.0,
-                  steps=24, max_images=16):
+def lr_range_test(model, optimizer, criterion, step, batches, lr_min=1e-5, lr_max=1.0,
+                  steps=17, max_images=16):
     """Train a copy with the LR rising exponentially from lr_min to lr_max, one batch per
     LR, until the loss turns clearly worse than at the start. Returns the LRs, the losses,
     the smoothed losses and the LR at which it diverged (None if it never did)."""
@@ -548,14 +547,17 @@ def analyse_range(lrs, smoothed):
     start = smoothed[0]
     if smoothed[best] > 0.95 * start:
         return None, None
-    # the band runs from where the loss has clearly started to fall to the lowest loss;
-    # the sweep lags (an LR shows its effect steps later), hence the margins
+    # the band runs from where the loss has clearly started to fall to a little past the
+    # lowest loss, stopping before the loss is back above its start; the sweep lags (an LR
+    # shows its effect steps later), hence the margins
     onset = next(i for i, s in enumerate(smoothed) if s < start - 0.1 * (start - smoothed[best]))
-    return lrs[best] / 10, (lrs[onset] / 10, lrs[best])
+    worse = next((lrs[i - 1] for i in range(best + 1, len(smoothed)) if smoothed[i] >= start),
+                 math.inf)
+    return lrs[best] / 10, (lrs[onset] / 10, min(3 * lrs[best], worse))
 
 
 def check_learning_rate(model, optimizer, criterion, step, batches, opt, out_dir, vis=None,
-                        make_optimizer=None, steps=24):
+                        make_optimizer=None, steps=17):
     """LR range test with the configured optimizer; where the configured LR is off, a second
     test with the other optimizer (Adam vs SGD with momentum) says which one to use."""
     lr = optimizer.param_groups[0]['lr']
