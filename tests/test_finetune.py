@@ -274,3 +274,17 @@ def test_kaiming_init_scales_depthwise_convs_by_their_own_fan_out():
     assert depthwise.weight.std().item() == pytest.approx((2 / 9) ** 0.5, rel=0.15)
     pointwise = model.backbone.features[1].conv[1]
     assert pointwise.weight.std().item() == pytest.approx((2 / 16) ** 0.5, rel=0.15)
+
+
+def test_the_cache_skips_an_unreadable_image_like_the_plain_loader(fast_options, tmp_path,
+                                                                    capsys):
+    import shutil
+    train_root = str(tmp_path / 'train')
+    shutil.copytree(fast_options['train_data_root'], train_root)
+    (tmp_path / 'train' / 'dog.3.jpg').write_bytes(b'not a jpeg')
+    with pytest.warns(UserWarning, match=r'skipping unreadable image .*dog.3.jpg'):
+        result = main.train(**dict(fast_options, train_data_root=train_root, model='MobileNetV2',
+                                   pretrained=False, freeze=True, augment=False, max_epoch=2))
+    assert 'feature cache: backbone features of' in capsys.readouterr().out
+    # dog.3.jpg falls in the validation split: 23 of its 24 images are counted
+    assert sum(map(sum, result['history'][-1]['val_cm'])) == 23

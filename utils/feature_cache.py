@@ -6,11 +6,14 @@ deterministic every epoch would recompute the same features. They are captured o
 at the head's input (a forward pre-hook: no per-model code) and each epoch then costs
 only the head's forward and backward on the cached tensors.
 """
+import functools
 import time
 
 import torch
 from torch import nn
 from torch.utils import data
+
+from data.dataset import Skipped
 
 CACHE_LIMIT_BYTES = 4 * 2 ** 30  # beyond this the features stay uncached
 
@@ -45,45 +48,86 @@ def random_transforms(dataset):
             if type(t).__name__.startswith('Random') or type(t).__name__ == 'ColorJitter']
 
 
+class Indexed(data.Dataset):
+    """(index, sample): lets the capture put each image's features at its index."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        return index, self.dataset[index]
+
+
+def collate_indexed(batch, collate):
+    """The loader's own collate, plus the indices of the good and of the bad samples."""
+    good = [i for i, s in batch if not isinstance(s, Skipped)]
+    bad = {i: s for i, s in batch if isinstance(s, Skipped)}
+    images, targets, skipped = collate([s for _, s in batch])
+    return good, bad, images, targets, skipped
+
+
+class CachedFeatures(data.Dataset):
+    """Index i holds image i's backbone features (or its Skipped record), so the
+    original samplers (per-epoch shuffle, torchrun shards, resume) apply unchanged."""
+
+    def __init__(self, features, targets, unreadable):
+        self.features, self.targets, self.unreadable = features, targets, unreadable
+
+    def __len__(self):
+        return len(self.features)
+
+    def __getitem__(self, index):
+        if index in self.unreadable:
+            return self.unreadable[index]
+        return self.features[index], int(self.targets[index])
+
+
 @torch.inference_mode()
 def compute_features(model, loader, device, skipped):
-    """(features, targets) at the head's input for every readable image in loader;
-    None when they would not fit in CACHE_LIMIT_BYTES."""
-    captured, targets = [], []
+    """CachedFeatures of loader's dataset, captured at the head's input; None when
+    they would not fit in CACHE_LIMIT_BYTES."""
+    dataset = loader.dataset
+    in_order = data.DataLoader(Indexed(dataset), batch_size=loader.batch_size,
+                               num_workers=loader.num_workers,
+                               collate_fn=functools.partial(collate_indexed,
+                                                            collate=loader.collate_fn))
+    captured = []
     hook = model.head().register_forward_pre_hook(
         lambda module, args: captured.append(args[0].detach().cpu()))
     model.eval()
+    features = targets = None
+    unreadable = {}
     # Iterating a loader draws from the global RNG: fork it, so that training after
     # the cache sees the same random stream (dropout) as training without it.
     with torch.random.fork_rng(devices=[]):
         try:
-            for images, batch_targets, bad in loader:
-                skipped.add(bad)
+            for good, bad, images, batch_targets, batch_skipped in in_order:
+                skipped.add(batch_skipped)
+                unreadable.update(bad)
                 if images is None:
                     continue
                 model(images.to(device))
-                targets.append(batch_targets)
-                per_image = captured[0][0].numel() * captured[0].element_size()
-                if per_image * len(loader.dataset) > CACHE_LIMIT_BYTES:
-                    return None
+                batch_features = captured.pop()
+                if features is None:
+                    if batch_features[0].numel() * batch_features.element_size() * len(dataset) \
+                            > CACHE_LIMIT_BYTES:
+                        return None
+                    features = batch_features.new_zeros((len(dataset), *batch_features.shape[1:]))
+                    targets = torch.zeros(len(dataset), dtype=torch.long)
+                features[good] = batch_features
+                targets[good] = batch_targets
         finally:
             hook.remove()
-    return torch.cat(captured), torch.cat(targets)
+    return CachedFeatures(features, targets, unreadable) if features is not None else None
 
 
-def in_order(loader):
-    """The loader's dataset unshuffled: cached features keep the dataset's order, so
-    the cached loader shuffles them exactly as the original loader shuffles images."""
-    return data.DataLoader(loader.dataset, batch_size=loader.batch_size, shuffle=False,
-                           num_workers=loader.num_workers, collate_fn=loader.collate_fn)
-
-
-def cached_loader(features, targets, batch_size, shuffle, seed):
-    generator = torch.Generator().manual_seed(seed) if shuffle else None
-    return data.DataLoader(data.TensorDataset(features, targets), batch_size=batch_size,
-                           shuffle=shuffle, generator=generator,
-                           collate_fn=lambda batch: (torch.stack([f for f, _ in batch]),
-                                                     torch.stack([t for _, t in batch]), []))
+def cached_loader(cache, loader):
+    """loader's batching, sampler and collate, over the cached features."""
+    return data.DataLoader(cache, batch_size=loader.batch_size, sampler=loader.sampler,
+                           collate_fn=loader.collate_fn)
 
 
 def use_cached_features(model, train_loader, val_loader, opt, skipped):
@@ -99,16 +143,14 @@ def use_cached_features(model, train_loader, val_loader, opt, skipped):
               f'epoch; pass --augment=False to compute its features once')
         return model, train_loader, val_loader
     start = time.time()
-    train_features = compute_features(model, in_order(train_loader), opt.device, skipped)
-    val_features = (compute_features(model, in_order(val_loader), opt.device, skipped)
-                    if train_features else None)
-    if val_features is None:
+    train_cache = compute_features(model, train_loader, opt.device, skipped)
+    val_cache = compute_features(model, val_loader, opt.device, skipped) if train_cache else None
+    if val_cache is None:
         print(f'feature cache off: the features would not fit in '
               f'{CACHE_LIMIT_BYTES / 2 ** 30:.0f} GiB of memory')
         return model, train_loader, val_loader
-    print(f'feature cache: backbone features of {len(train_features[1])} training and '
-          f'{len(val_features[1])} validation images computed once in {time.time() - start:.1f}s '
-          f'(shape {tuple(train_features[0].shape[1:])}); each epoch trains the head only')
-    return (HeadOnFeatures(model),
-            cached_loader(*train_features, opt.batch_size, True, opt.seed),
-            cached_loader(*val_features, opt.batch_size, False, opt.seed))
+    print(f'feature cache: backbone features of {len(train_cache)} training and '
+          f'{len(val_cache)} validation images computed once in {time.time() - start:.1f}s '
+          f'(shape {tuple(train_cache.features.shape[1:])}); each epoch trains the head only')
+    return (HeadOnFeatures(model), cached_loader(train_cache, train_loader),
+            cached_loader(val_cache, val_loader))
