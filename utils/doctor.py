@@ -397,7 +397,7 @@ def show_labelled_grid(images, targets, out_dir, vis=None, nrow=8):
 def check_logits(model, images):
     """The model must end in raw scores: nothing squashing or normalising them after the
     last Linear/Conv layer, and outputs that vary with the input."""
-    model = copy.deepcopy(model).eval()
+    model = copy.deepcopy(model).train()  # the scores CrossEntropyLoss gets in training
     calls, last = [], {}
 
     def record(name):
