@@ -495,13 +495,12 @@ def check_initialisation(model, images):
             problems.append(f'{name}: {dead:.0%} of channels dead (zero for every input)')
         elif dead is not None and dead > 0.5:
             warnings_.append(f'{name}: {dead:.0%} of channels dead')
-    stds = [s for _, kind, _, s, _ in stats if kind not in ('ReLU', 'ReLU6')]
+    stds = [s for _, kind, _, s, _ in stats if kind not in ('ReLU', 'ReLU6')] or [math.nan]
     deads = [(d, n) for n, _, _, _, d in stats if d is not None]
     worst_dead = max(deads, default=(0.0, '-'))
     evidence = (f'{len(stds)} Conv/Linear layers on {len(images)} images: activation std '
-                f'{min(stds, default=0):.3g}..{max(stds, default=0):.3g} (first {stds[0] if stds else 0:.3g}, '
-                f'last {stds[-1] if stds else 0:.3g}); most dead ReLU channels {worst_dead[0]:.0%} '
-                f'({worst_dead[1]})')
+                f'{min(stds):.3g}..{max(stds):.3g} (first {stds[0]:.3g}, last {stds[-1]:.3g}); '
+                f'most dead ReLU channels {worst_dead[0]:.0%} ({worst_dead[1]})')
     data = dict(layers=stats, problems=problems)
     fix = ('initialise with models.basic_module.kaiming_init (Kaiming normal for conv, '
            'small normal for Linear, zero bias), or start from pretrained weights')
@@ -770,9 +769,10 @@ def collapse_warning(train_losses, val_meter, one_class=0.95, balanced=0.3, near
     if cm.sum() > 0:
         truth, predicted = cm.sum(1) / cm.sum(), cm.sum(0) / cm.sum()
         if truth.min() >= balanced and predicted.max() >= one_class:
+            labels = ' / '.join(f'{share:.0%} {name}' for share, name in zip(truth, CLASSES))
             symptoms.append(f'{predicted.max():.0%} of the validation predictions are '
                             f'"{CLASSES[int(predicted.argmax())]}" although the labels are '
-                            f'{truth.min():.0%}/{truth.max():.0%} (confusion matrix {cm.astype(int).tolist()})')
+                            f'{labels} (confusion matrix {cm.astype(int).tolist()})')
     recent = list(train_losses)[-2:]
     if len(recent) == 2 and all(abs(loss - LN2) <= near for loss in recent):
         symptoms.append(f'the training loss has stayed at ln 2 = {LN2:.3f} for two epochs '
