@@ -205,7 +205,11 @@ def restore_training_state(model, optimizer, opt):
     if 'optimizer' not in checkpoint or saved_opt != opt.optimizer:
         print(f'starting from the weights in {path}')
         return state, None
-    optimizer.load_state_dict(checkpoint['optimizer'])
+    try:
+        optimizer.load_state_dict(checkpoint['optimizer'])
+    except ValueError:  # other parameter groups, e.g. --freeze changed
+        print(f'starting from the weights in {path} (its optimizer has other parameter groups)')
+        return state, None
     for key in state:
         state[key] = checkpoint.get(key, state[key])
     if 'rng' in checkpoint:
