@@ -68,7 +68,7 @@ def test_healthy_pretrained_model_passes_every_check(fast_options, tmp_path, mon
     torch.manual_seed(0)
     torch.save(resnet18(weights=None).state_dict(), checkpoints / 'resnet18-f37072fd.pth')
     monkeypatch.setenv('TORCH_HOME', str(tmp_path / 'torch_home'))
-    setup = make_setup(fast_options, model='ResNet18', pretrained=True)
+    setup = make_setup(fast_options, model='ResNet18', pretrained=True, batch_size=8)
     results = doctor.run_checks(setup)
     assert statuses(results) == {name: doctor.PASS for name in doctor.CHECKS}, \
         [r.line() for r in results]
