@@ -91,16 +91,17 @@ def test_a_signal_saves_a_checkpoint_that_resumes_mid_epoch(slow_options, signum
     assert torch.load(last, weights_only=True)['epoch'] == 2
 
 
-def test_sigkill_loses_at_most_the_current_epoch(slow_options):
-    process = start_training(dict(slow_options, max_epoch=5))
+def test_sigkill_loses_at_most_the_current_epoch(fast_options):
+    process = start_training(dict(fast_options, max_epoch=20))
     wait_for_line(process, 'epoch:0')
     time.sleep(0.5)
     process.kill()
     process.wait(timeout=30)
-    last = os.path.join(slow_options['checkpoint_dir'], 'SmallResNet_last.pth')
-    assert torch.load(last, weights_only=True)['epoch'] >= 1  # loadable, whole
-    result = main.train(**dict(slow_options, max_epoch=3, resume='last'))
-    assert result['epoch'] == 3 and result['history'][0]['epoch'] >= 1
+    last = os.path.join(fast_options['checkpoint_dir'], 'SmallResNet_last.pth')
+    done = torch.load(last, weights_only=True)['epoch']
+    assert 1 <= done < 20  # whole and loadable, at most the running epoch lost
+    result = main.train(**dict(fast_options, max_epoch=done + 1, resume='last'))
+    assert [r['epoch'] for r in result['history']] == [done]
 
 
 def test_a_diverging_run_stops_and_keeps_the_last_good_checkpoint(fast_options):
