@@ -45,6 +45,14 @@ def make_visualizer(opt):
     return Visualizer(env=opt.env, port=opt.vis_port, server=opt.vis_server, record_file=record)
 
 
+def to_device(x, opt):
+    """A model or a batch of images onto opt.device, channels-last when --channels_last:
+    convolutions run 1.1-1.2x faster that way (bench/run.py), with the same results."""
+    if opt.channels_last and (isinstance(x, nn.Module) or x.dim() == 4):
+        return x.to(opt.device, memory_format=torch.channels_last, non_blocking=True)
+    return x.to(opt.device, non_blocking=True)
+
+
 def check_writable(folder):
     """Fail now, not after the first epoch, when checkpoints cannot be written."""
     try:
@@ -115,7 +123,7 @@ def train_one_epoch(model, loader, criterion, optimizer, opt, epoch, skipped, vi
                 vis.img_grid('first training batch', images, [CLASSES[t] for t in targets.tolist()],
                              title=f'epoch {epoch}: first training batch',
                              mean=net.input_mean, std=net.input_std)
-            images = images.to(opt.device, non_blocking=True)
+            images = to_device(images, opt)
             targets = targets.to(opt.device, non_blocking=True)
             scores = model(images)
             loss = criterion(scores, targets)
@@ -157,7 +165,7 @@ def evaluate(model, loader, opt, skipped):
         skipped.add(bad)
         if images is None:
             continue
-        scores = model(images.to(opt.device))
+        scores = model(to_device(images, opt))
         meter.add(scores, targets, criterion(scores.cpu().float(), targets).item())
     return meter
 
@@ -251,7 +259,7 @@ def run_training(opt, stop):
     main_rank = distributed.is_main()
     if main_rank:
         check_writable(opt.checkpoint_dir)
-    model = build_model(opt.model, opt.pretrained, weights=opt.weights, freeze=opt.freeze).to(opt.device)
+    model = to_device(build_model(opt.model, opt.pretrained, weights=opt.weights, freeze=opt.freeze), opt)
     train_data, val_data = load_datasets(opt, model)
     train_loader = build_loader(train_data, opt.batch_size, True, opt.num_workers, opt.use_gpu, opt.seed)
     val_loader = build_loader(val_data, opt.batch_size, False, opt.num_workers, opt.use_gpu)
@@ -392,7 +400,7 @@ def checkpoint_to_evaluate(opt):
 def load_trained_model(opt):
     model = build_model(opt.model, pretrained=False)
     model.load(checkpoint_to_evaluate(opt))
-    return model.to(opt.device)
+    return to_device(model, opt)
 
 
 def val(**kwargs):
@@ -430,7 +438,7 @@ def test(**kwargs):
         skipped.add(bad)
         if images is None:
             continue
-        probability_dog = torch.softmax(model(images.to(opt.device)).float(), dim=1)[:, 1]
+        probability_dog = torch.softmax(model(to_device(images, opt)).float(), dim=1)[:, 1]
         rows += zip(ids.tolist(), probability_dog.cpu().tolist())
     rows = distributed.gather_to_main(rows)
     if not distributed.is_main():
