@@ -7,10 +7,12 @@ from .basic_module import BasicModule, kaiming_init, torchvision_backbone
 
 
 class ResNet18(BasicModule):
+    builder, imagenet_weights = resnet18, ResNet18_Weights.IMAGENET1K_V1
+
     def __init__(self, num_classes=2, pretrained=True, weights=None):
         super().__init__()
-        self.backbone = torchvision_backbone(resnet18, ResNet18_Weights.IMAGENET1K_V1, pretrained,
-                                             weights)
+        self.backbone = torchvision_backbone(type(self).builder, self.imagenet_weights,
+                                             pretrained, weights)
         self.backbone.fc = nn.Linear(self.backbone.fc.in_features, num_classes)
         kaiming_init(self.backbone.fc)
 
