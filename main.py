@@ -370,6 +370,7 @@ def opt_overrides(opt):
 def epoch_record(epoch, lrs, train_meter, val_meter):
     return dict(epoch=epoch, lrs=lrs, loss=train_meter.mean_loss, time=time.time(),
                 train_acc_cm=train_meter.accuracy_cm, train_acc_count=train_meter.accuracy_counts,
+                train_cm=train_meter.cm.tolist(),
                 val_acc_cm=val_meter.accuracy_cm, val_acc_count=val_meter.accuracy_counts,
                 val_log_loss=val_meter.log_loss, val_cm=val_meter.cm.tolist())
 
