@@ -1,7 +1,8 @@
 """Wall time to 80/85/90/93% validation accuracy on the shared Kaggle images.
 
     python bench/time_to_accuracy.py --recipe=cpu        # SmallResNet, 64 px, preloaded
-    python bench/time_to_accuracy.py --recipe=book --budget_min=20
+    python bench/time_to_accuracy.py --recipe=pretrained # EfficientNetLite0, frozen, cached
+    python bench/time_to_accuracy.py --recipe=book --max_epoch=1
 
 Each recipe trains through `main.train` (the project's own loop, meters, checkpoints)
 on ../shared/data/dogcat/train with the seeded 70/30 split; the clock starts before
@@ -23,6 +24,9 @@ RECIPES = {
     'cpu': dict(model='SmallResNet', image_size=64, preload=True, batch_size=64,
                 optimizer='adamw', lr=2e-3, weight_decay=0.05, label_smoothing=0.1,
                 lr_schedule='cosine', max_epoch=16),
+    # ImageNet-pretrained EfficientNetLite0, frozen: features computed once, linear head
+    'pretrained': dict(model='EfficientNetLite0', image_size=224, freeze=True, augment=False,
+                       batch_size=64, lr=1e-3, max_epoch=10),
     # the book's defaults: ResNet34 from scratch at 224 px, Adam 1e-3, loss-triggered decay
     'book': dict(model='ResNet34', image_size=224, batch_size=32, max_epoch=1),
 }
