@@ -29,6 +29,7 @@ from data.synthetic import make_labelled_images, make_test_images
 from models import build_model
 from utils.doctor import collapse_warning, run_doctor
 from utils import distributed
+from utils.device import autocast, check_bf16, to_device
 from utils.errors import UserError
 from utils.feature_cache import use_cached_features
 from utils.interrupt import GracefulStop
@@ -43,14 +44,6 @@ def make_visualizer(opt):
     from utils.visualize import Visualizer
     record = os.path.join(opt.checkpoint_dir, f'visdom_{opt.env}_{time.strftime("%Y%m%d_%H%M%S")}.log')
     return Visualizer(env=opt.env, port=opt.vis_port, server=opt.vis_server, record_file=record)
-
-
-def to_device(x, opt):
-    """A model or a batch of images onto opt.device, channels-last when --channels_last:
-    convolutions run 1.1-1.2x faster that way (bench/run.py), with the same results."""
-    if opt.channels_last and (isinstance(x, nn.Module) or x.dim() == 4):
-        return x.to(opt.device, memory_format=torch.channels_last, non_blocking=True)
-    return x.to(opt.device, non_blocking=True)
 
 
 def check_writable(folder):
@@ -125,7 +118,8 @@ def train_one_epoch(model, loader, criterion, optimizer, opt, epoch, skipped, vi
                              mean=net.input_mean, std=net.input_std)
             images = to_device(images, opt)
             targets = targets.to(opt.device, non_blocking=True)
-            scores = model(images)
+            with autocast(opt):
+                scores = model(images).float()
             loss = criterion(scores, targets)
             loss_value = loss.item()
             if not math.isfinite(loss_value) or distributed.launched_by_torchrun():
@@ -165,8 +159,9 @@ def evaluate(model, loader, opt, skipped):
         skipped.add(bad)
         if images is None:
             continue
-        scores = model(to_device(images, opt))
-        meter.add(scores, targets, criterion(scores.cpu().float(), targets).item())
+        with autocast(opt):
+            scores = model(to_device(images, opt)).float()
+        meter.add(scores, targets, criterion(scores.cpu(), targets).item())
     return meter
 
 
@@ -251,6 +246,8 @@ def parse_options(kwargs):
     """Options for this process; under torchrun it joins the process group first."""
     opt = DefaultConfig()._parse(kwargs, verbose=distributed.rank_from_env() == 0)
     opt.device = distributed.setup(opt.use_gpu)
+    if opt.bf16:
+        check_bf16(opt.device)
     return opt
 
 
@@ -439,7 +436,9 @@ def test(**kwargs):
         skipped.add(bad)
         if images is None:
             continue
-        probability_dog = torch.softmax(model(to_device(images, opt)).float(), dim=1)[:, 1]
+        with autocast(opt):
+            scores = model(to_device(images, opt)).float()
+        probability_dog = torch.softmax(scores, dim=1)[:, 1]
         rows += zip(ids.tolist(), probability_dog.cpu().tolist())
     rows = distributed.gather_to_main(rows)
     if not distributed.is_main():

@@ -3,7 +3,7 @@
 
     .venv/bin/python bench/run.py [--repeats=5] [--threads=2]
 
-Rows: this machine's fp32 matmul peak; data-pipeline images/s in one worker (the
+Rows: this machine's fp32 and bf16 matmul peaks; data-pipeline images/s in one worker (the
 book's per-image PIL + float transforms vs our decode-once uint8 path); train-step and
 eval images/s per model, with the achieved GFLOP/s against the matmul peak. Each
 number is the median of --repeats timed runs after a warm-up. Run it on an idle
@@ -40,8 +40,8 @@ def median_rate(fn, items, repeats):
     return items / statistics.median(times)
 
 
-def matmul_peak_gflops(repeats):
-    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+def matmul_peak_gflops(repeats, dtype=torch.float32):
+    a, b = torch.randn(2048, 2048, dtype=dtype), torch.randn(2048, 2048, dtype=dtype)
     return median_rate(lambda: torch.mm(a, b), 2 * 2048 ** 3, repeats) / 1e9
 
 
@@ -70,7 +70,7 @@ def flops_per_image(model, size):
     return counter.get_total_flops()
 
 
-def train_rate(model, size, batch, repeats, channels_last):
+def train_rate(model, size, batch, repeats, channels_last, bf16=False):
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     model = model.to(memory_format=fmt).train()
     x = torch.randn(batch, 3, size, size).contiguous(memory_format=fmt)
@@ -78,38 +78,47 @@ def train_rate(model, size, batch, repeats, channels_last):
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
 
     def step():
-        loss = torch.nn.functional.cross_entropy(model(x), y)
+        with torch.autocast('cpu', dtype=torch.bfloat16, enabled=bf16):
+            scores = model(x).float()
+        loss = torch.nn.functional.cross_entropy(scores, y)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
     return median_rate(step, batch, repeats)
 
 
-def eval_rate(model, size, batch, repeats, fast):
+def eval_rate(model, size, batch, repeats, fast, bf16=False):
     fmt = torch.channels_last if fast else torch.contiguous_format
     model = model.to(memory_format=fmt).eval()
     x = torch.randn(batch, 3, size, size).contiguous(memory_format=fmt)
     context = torch.inference_mode if fast else torch.no_grad
 
     def forward():
-        with context():
+        with context(), torch.autocast('cpu', dtype=torch.bfloat16, enabled=bf16):
             model(x)
     return median_rate(forward, batch, repeats)
 
 
-def model_rows(name, size, batch, repeats, peak):
+def model_rows(name, size, batch, repeats, peak, bf16_peak):
+    """The book's fp32 NCHW path beside ours, fp32 channels-last (the default) and
+    with --bf16; 'vs peak' compares each to the matmul peak of its own precision."""
     torch.manual_seed(0)
     model = build_model(name, pretrained=False)
     flops = flops_per_image(model, size)  # forward; a train step is about 3x
     rows = []
+    what = f'train step, {name} {size} px, batch {batch}'
     book = train_rate(model, size, batch, repeats, channels_last=False)
     ours = train_rate(model, size, batch, repeats, channels_last=True)
-    rows.append((f'train step, {name} {size} px, batch {batch}', 'fp32 NCHW', book,
-                 'fp32 channels-last', ours, 3 * flops, peak))
+    bf16 = train_rate(model, size, batch, repeats, channels_last=True, bf16=True)
+    rows.append((what, 'fp32 NCHW', book, 'fp32 channels-last', ours, 3 * flops, peak))
+    rows.append((what, 'fp32 NCHW', book, 'channels-last, --bf16', bf16, 3 * flops, bf16_peak))
+    what = f'eval, {name} {size} px, batch {batch}'
     book = eval_rate(model, size, batch, repeats, fast=False)
     ours = eval_rate(model, size, batch, repeats, fast=True)
-    rows.append((f'eval, {name} {size} px, batch {batch}', 'no_grad NCHW', book,
-                 'inference_mode channels-last', ours, flops, peak))
+    bf16 = eval_rate(model, size, batch, repeats, fast=True, bf16=True)
+    rows.append((what, 'no_grad NCHW', book, 'inference_mode channels-last', ours, flops, peak))
+    rows.append((what, 'no_grad NCHW', book, 'inference_mode channels-last, --bf16', bf16,
+                 flops, bf16_peak))
     return rows
 
 
@@ -120,8 +129,9 @@ def percent_of_peak(rate, flops, peak):
 def main(repeats=5, threads=2, images=64):
     torch.set_num_threads(threads)
     peak = matmul_peak_gflops(repeats)
+    bf16_peak = matmul_peak_gflops(repeats, torch.bfloat16)
     print(f'machine: {os.cpu_count()} cores, torch {torch.__version__}, {threads} threads; '
-          f'fp32 matmul peak {peak:.0f} GFLOP/s\n')
+          f'matmul peak fp32 {peak:.0f} GFLOP/s, bf16 {bf16_peak:.0f} GFLOP/s\n')
     print('| what | baseline | img/s | ours | img/s | speed-up | ours vs peak |')
     print('|---|---|---|---|---|---|---|')
     if os.path.isdir(SHARED):
@@ -133,10 +143,10 @@ def main(repeats=5, threads=2, images=64):
     else:
         print(f'| data pipeline | skipped: {SHARED} not found | | | | | |')
     for name, size, batch in (('SmallResNet', 64, 64), ('ResNet34', 224, 16)):
-        for what, base, base_rate, our, our_rate, flops, peak in model_rows(name, size, batch,
-                                                                           repeats, peak):
+        for what, base, base_rate, our, our_rate, flops, our_peak in model_rows(
+                name, size, batch, repeats, peak, bf16_peak):
             print(f'| {what} | {base} | {base_rate:.1f} | {our} | {our_rate:.1f} | '
-                  f'{our_rate / base_rate:.2f}x | {percent_of_peak(our_rate, flops, peak)} |')
+                  f'{our_rate / base_rate:.2f}x | {percent_of_peak(our_rate, flops, our_peak)} |')
 
 
 if __name__ == '__main__':

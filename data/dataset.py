@@ -133,7 +133,8 @@ def decode_small(job):
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         return Skipped(path, f'{type(exc).__name__}: {exc}')
     img = T.functional.center_crop(T.functional.resize(img, size), size)
-    return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).contiguous()
+    # HWC -> CHW in numpy: a parallel torch op in a forked worker can deadlock in OpenMP
+    return torch.from_numpy(np.ascontiguousarray(np.asarray(img).transpose(2, 0, 1)))
 
 
 def load_rgb(path):
@@ -172,7 +173,9 @@ class DogCat(data.Dataset):
         """Decode every image once, in parallel: later epochs only crop and flip."""
         jobs = [(path, size) for path, _ in self.samples]
         if num_workers > 0:
-            with multiprocessing.get_context('fork').Pool(num_workers) as pool:
+            # one thread per worker: forked children must not start OpenMP teams of their own
+            with multiprocessing.get_context('fork').Pool(num_workers, initializer=torch.set_num_threads,
+                                                          initargs=(1,)) as pool:
                 return pool.map(decode_small, jobs, chunksize=64)
         return [decode_small(job) for job in jobs]
 

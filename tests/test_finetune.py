@@ -288,3 +288,21 @@ def test_the_cache_skips_an_unreadable_image_like_the_plain_loader(fast_options,
     assert 'feature cache: backbone features of' in capsys.readouterr().out
     # dog.3.jpg falls in the validation split: 23 of its 24 images are counted
     assert sum(map(sum, result['history'][-1]['val_cm'])) == 23
+
+
+def test_bf16_feature_cache_stores_fp32_features_close_to_the_fp32_ones(fast_options):
+    from config import DefaultConfig
+    from data.dataset import SkippedFiles, build_loader
+    from utils.feature_cache import compute_features
+    caches = {}
+    for bf16 in (False, True):
+        opt = DefaultConfig()._parse(dict(fast_options, model='MobileNetV2', pretrained=False,
+                                          bf16=bf16, image_size=32), verbose=False)
+        torch.manual_seed(0)
+        model = main.to_device(build_model('MobileNetV2', pretrained=False, freeze=True), opt)
+        _, val_data = main.load_datasets(opt, model)
+        loader = build_loader(val_data, 8, False, 0, False)
+        caches[bf16] = compute_features(model, loader, opt, SkippedFiles()).features
+    assert caches[True].dtype == torch.float32 and caches[True].shape == caches[False].shape
+    error = (caches[True] - caches[False]).norm() / caches[False].norm()
+    assert 0 < error < 0.05  # bf16 really ran, and stayed close

@@ -1,4 +1,7 @@
 """The CPU recipe's pieces: preloaded images, AdamW without decay on norms, cosine."""
+import os
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -48,6 +51,23 @@ def test_preloaded_images_match_the_listing_and_skip_bad_files(tmp_path):
             assert images is None or images.dtype == torch.float32
     bad_in_val = sum('dog.3.jpg' in p for p, _ in cached.samples)
     assert count == len(cached) - bad_in_val and len(skipped.seen) == bad_in_val
+
+
+def test_preload_in_worker_processes_after_torch_used_its_threads(tmp_path):
+    """Images big enough for a parallel torch op (over 32k values), decoded by forked
+    workers after the parent ran OpenMP: this hung once. A subprocess with a timeout
+    turns a hang into a failure."""
+    make_labelled_images(str(tmp_path), 6, size=160)
+    script = (f'import torch; torch.set_num_threads(2); (torch.randn(512, 512) @ torch.randn(512, 512)).sum()\n'
+              f'from data.dataset import DogCat\n'
+              f'd = DogCat({str(tmp_path)!r}, mode="train", image_size=128, preload=True, num_workers=2)\n'
+              f'assert d.cache[0].shape == (3, 144, 144), d.cache[0].shape\n'
+              f'print("decoded", len(d.cache))')
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, '-c', script], cwd=root, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert 'decoded 8' in done.stdout
 
 
 def test_the_cpu_recipe_learns(fast_options):

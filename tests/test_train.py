@@ -39,6 +39,22 @@ def test_a_from_scratch_model_learns_the_generated_classes(fast_options):
     assert correct >= 15  # the generator knows the test labels Kaggle hides
 
 
+def test_bf16_autocast_learns_and_evaluates_like_fp32(fast_options):
+    """--bf16 (autocast) trains to the same bar; evaluating the checkpoint in bf16 gives
+    the fp32 predictions up to rounding."""
+    result = main.train(**dict(fast_options, max_epoch=10, batch_size=8, lr=2e-3, bf16=True))
+    assert max(r['val_acc_cm'] for r in result['history']) >= 90.0
+    assert result['history'][-1]['loss'] < result['history'][0]['loss']
+    checkpoint = torch.load(os.path.join(fast_options['checkpoint_dir'], 'SmallResNet_last.pth'),
+                            weights_only=True)
+    assert all(v.dtype != torch.bfloat16 for v in checkpoint['state_dict'].values())  # fp32 weights
+    fp32 = main.val(**fast_options)
+    bf16 = main.val(**dict(fast_options, bf16=True))
+    assert bf16.total == fp32.total == 24
+    assert abs(bf16.accuracy_cm - fp32.accuracy_cm) <= 100 / 24 + 1e-6  # one image at most
+    assert bf16.log_loss == pytest.approx(fp32.log_loss, abs=0.05)
+
+
 def fast_options_truth(options):
     from data.synthetic import make_test_images
     import tempfile

@@ -14,6 +14,7 @@ from torch import nn
 from torch.utils import data
 
 from data.dataset import Skipped
+from utils.device import autocast, to_device
 
 CACHE_LIMIT_BYTES = 4 * 2 ** 30  # beyond this the features stay uncached
 
@@ -86,7 +87,7 @@ class CachedFeatures(data.Dataset):
 
 
 @torch.inference_mode()
-def compute_features(model, loader, device, skipped):
+def compute_features(model, loader, opt, skipped):
     """CachedFeatures of loader's dataset, captured at the head's input; None when
     they would not fit in CACHE_LIMIT_BYTES."""
     dataset = loader.dataset
@@ -96,7 +97,7 @@ def compute_features(model, loader, device, skipped):
                                                             collate=loader.collate_fn))
     captured = []
     hook = model.head().register_forward_pre_hook(
-        lambda module, args: captured.append(args[0].detach().cpu()))
+        lambda module, args: captured.append(args[0].detach().float().cpu()))
     model.eval()
     features = targets = None
     unreadable = {}
@@ -109,7 +110,8 @@ def compute_features(model, loader, device, skipped):
                 unreadable.update(bad)
                 if images is None:
                     continue
-                model(images.to(device))
+                with autocast(opt):
+                    model(to_device(images, opt))
                 batch_features = captured.pop()
                 if features is None:
                     if batch_features[0].numel() * batch_features.element_size() * len(dataset) \
@@ -143,8 +145,8 @@ def use_cached_features(model, train_loader, val_loader, opt, skipped):
               f'epoch; pass --augment=False to compute its features once')
         return model, train_loader, val_loader
     start = time.time()
-    train_cache = compute_features(model, train_loader, opt.device, skipped)
-    val_cache = compute_features(model, val_loader, opt.device, skipped) if train_cache else None
+    train_cache = compute_features(model, train_loader, opt, skipped)
+    val_cache = compute_features(model, val_loader, opt, skipped) if train_cache else None
     if val_cache is None:
         print(f'feature cache off: the features would not fit in '
               f'{CACHE_LIMIT_BYTES / 2 ** 30:.0f} GiB of memory')
