@@ -282,6 +282,8 @@ def run_training(opt, stop):
     net = model  # what is saved; `model` may become its DistributedDataParallel wrapper
     if distributed.world_size() > 1:
         model = nn.parallel.DistributedDataParallel(model)
+    if opt.compile:
+        model = torch.compile(model)  # compiles on the first batch; `net` stays eager for eval
 
     steps_per_epoch = len(train_loader)
     for epoch in range(state['epoch'], opt.max_epoch):

@@ -1,6 +1,6 @@
 """Wall time to 80/85/90/92/93% validation accuracy on the shared Kaggle images.
 
-    python bench/time_to_accuracy.py --recipe=cpu        # SmallResNet, 64 px, preloaded
+    python bench/time_to_accuracy.py --recipe=cpu        # SmallResNet, 96 px, preloaded, bf16
     python bench/time_to_accuracy.py --recipe=pretrained # EfficientNetLite0, frozen, cached
     python bench/time_to_accuracy.py --recipe=book --minutes=20 # capped: where did it get?
 
@@ -25,9 +25,9 @@ DATA = os.path.join(os.path.dirname(__file__), '..', '..', 'shared', 'data', 'do
 THRESHOLDS = (80, 85, 90, 92, 93)
 RECIPES = {
     # the CPU recipe: small residual net, images decoded once to RAM, AdamW + cosine
-    'cpu': dict(model='SmallResNet', image_size=64, preload=True, batch_size=64,
-                optimizer='adamw', lr=2e-3, weight_decay=0.05, label_smoothing=0.1,
-                lr_schedule='cosine', max_epoch=16),
+    'cpu': dict(model='SmallResNet', image_size=96, preload=True, num_workers=0, bf16=True,
+                batch_size=64, optimizer='adamw', lr=2e-3, weight_decay=0.05,
+                label_smoothing=0.1, lr_schedule='cosine', max_epoch=22),
     # ImageNet-pretrained EfficientNetLite0, frozen: features computed once, linear head
     'pretrained': dict(model='EfficientNetLite0', image_size=224, freeze=True, augment=False,
                        batch_size=64, lr=1e-3, max_epoch=10),
@@ -37,7 +37,7 @@ RECIPES = {
 
 
 def run(recipe='cpu', data=DATA, minutes=None, **overrides):
-    options = dict(RECIPES[recipe], train_data_root=data, vis=False, num_workers=2,
+    options = dict(dict(num_workers=2), **RECIPES[recipe], train_data_root=data, vis=False,
                    checkpoint_dir=f'/tmp/tta_{recipe}', debug_file='/nonexistent')
     options.update(overrides)
     start = time.time()
