@@ -29,7 +29,7 @@ from data.synthetic import make_labelled_images, make_test_images
 from models import build_model
 from utils.doctor import collapse_warning, run_doctor
 from utils import distributed
-from utils.device import autocast, check_bf16, to_device
+from utils.device import autocast, check_bf16, check_compile, to_device
 from utils.errors import UserError
 from utils.feature_cache import use_cached_features
 from utils.interrupt import GracefulStop
@@ -248,6 +248,8 @@ def parse_options(kwargs):
     opt.device = distributed.setup(opt.use_gpu)
     if opt.bf16:
         check_bf16(opt.device)
+    if opt.compile:
+        check_compile(opt.device)
     return opt
 
 

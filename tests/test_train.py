@@ -55,6 +55,22 @@ def test_bf16_autocast_learns_and_evaluates_like_fp32(fast_options):
     assert bf16.log_loss == pytest.approx(fp32.log_loss, abs=0.05)
 
 
+def test_compile_trains_and_saves_ordinary_checkpoints(fast_options):
+    result = main.train(**dict(fast_options, compile=True, max_epoch=2, batch_size=8, lr=2e-3))
+    assert result['history'][-1]['loss'] < result['history'][0]['loss']
+    checkpoint = torch.load(os.path.join(fast_options['checkpoint_dir'], 'SmallResNet_last.pth'),
+                            weights_only=True)
+    assert checkpoint['state_dict'].keys() == SmallResNet().state_dict().keys()  # no _orig_mod.
+    assert main.val(**fast_options).total == 24  # and the eager model reads them
+
+
+def test_compile_without_a_cpu_compiler_says_what_to_install(fast_options, monkeypatch):
+    import utils.device
+    monkeypatch.setattr(utils.device.shutil, 'which', lambda name: None)
+    with pytest.raises(main.UserError, match='apt-get install g\\+\\+'):
+        main.train(**dict(fast_options, compile=True))
+
+
 def fast_options_truth(options):
     from data.synthetic import make_test_images
     import tempfile

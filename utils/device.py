@@ -1,9 +1,13 @@
 # coding: utf8
 """How tensors compute: on which device, in which memory format, at which precision."""
+import os
+import shutil
 import warnings
 
 import torch
 from torch import nn
+
+from utils.errors import UserError
 
 
 def to_device(x, opt):
@@ -30,3 +34,12 @@ def check_bf16(device):
     if not native:
         warnings.warn(f'--bf16: this {device.type.upper()} has no native bfloat16 support, so '
                       f'it would run slower than fp32; drop --bf16')
+
+
+def check_compile(device):
+    """--compile on a CPU builds C++ kernels: fail now, not at the first batch, without
+    a compiler."""
+    compilers = [os.environ.get('CXX'), 'g++', 'c++', 'clang++']
+    if device.type == 'cpu' and not any(c and shutil.which(c) for c in compilers):
+        raise UserError('--compile on a CPU needs a C++ compiler (g++ or clang++) and none was '
+                        'found: install one (Debian/Ubuntu: apt-get install g++) or drop --compile')
