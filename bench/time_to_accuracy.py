@@ -1,7 +1,7 @@
 """Wall time to 80/85/90/92/93% validation accuracy on the shared Kaggle images.
 
     python bench/time_to_accuracy.py --recipe=cpu        # SmallResNet, 96 px, preloaded, bf16
-    python bench/time_to_accuracy.py --recipe=pretrained # EfficientNetLite0, frozen, cached
+    python bench/time_to_accuracy.py --recipe=pretrained # EfficientNetLite0, frozen, cached, bf16
     python bench/time_to_accuracy.py --recipe=book --minutes=20 # capped: where did it get?
 
 Each recipe trains through `main.train` (the project's own loop, meters, checkpoints)
@@ -30,7 +30,7 @@ RECIPES = {
                 label_smoothing=0.1, lr_schedule='cosine', max_epoch=22),
     # ImageNet-pretrained EfficientNetLite0, frozen: features computed once, linear head
     'pretrained': dict(model='EfficientNetLite0', image_size=224, freeze=True, augment=False,
-                       batch_size=64, lr=1e-3, max_epoch=10),
+                       bf16=True, batch_size=64, lr=1e-3, max_epoch=10),
     # the book's defaults: ResNet34 from scratch at 224 px, Adam 1e-3, loss-triggered decay
     'book': dict(model='ResNet34', image_size=224, batch_size=32, max_epoch=1),
 }
