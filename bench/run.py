@@ -1,11 +1,12 @@
 # coding: utf8
 """Book-style pipeline vs ours, measured side by side in one process.
 
-    .venv/bin/python bench/run.py [--repeats=5] [--threads=2]
+    .venv/bin/python bench/run.py [--repeats=5] [--threads=2] [--images=64] [--workers=2]
 
-Rows: this machine's fp32 and bf16 matmul peaks; data-pipeline images/s in one worker (the
-book's per-image PIL + float transforms vs our decode-once uint8 path); train-step and
-eval images/s per model, with the achieved GFLOP/s against the matmul peak. Each
+Rows: this machine's fp32 and bf16 matmul peaks; data-pipeline images/s in one process
+and through a DataLoader with --workers processes (the book's per-image PIL + float
+transforms vs our decode-once uint8 path, for the train and the val/test transforms);
+train-step and eval images/s per model, with the achieved GFLOP/s against the matmul peak. Each
 number is the median of --repeats timed runs after a warm-up. Run it on an idle
 machine: it prints a markdown table to paste into bench/RESULTS.md.
 """
@@ -16,6 +17,7 @@ import time
 
 import fire
 import torch
+from torch.utils import data
 from torch.utils.flop_counter import FlopCounterMode
 from torchvision import transforms as T
 
@@ -50,18 +52,54 @@ def book_train_transform(size):
                       T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
 
-def pipeline_rows(paths, size, repeats):
-    book = book_train_transform(size)
-    ours = preloaded_transforms('train', size)
+def book_eval_transform(size):
+    return T.Compose([T.Resize(size), T.CenterCrop(size), T.ToTensor(),
+                      T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
+class Transformed(data.Dataset):
+    """items[i] through load then transform: the shape of every pipeline measured here."""
+
+    def __init__(self, items, load, transform):
+        self.items, self.load, self.transform = items, load, transform
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, index):
+        return self.transform(self.load(self.items[index])), 0
+
+
+def loader_rate(dataset, workers, repeats):
+    loader = data.DataLoader(dataset, batch_size=32, num_workers=workers,
+                             persistent_workers=workers > 0)
+    return median_rate(lambda: [None for _ in loader], len(dataset), repeats)
+
+
+def pipeline_rows(paths, size, repeats, workers):
+    """(what, baseline, its img/s, ours, our img/s): per image in one process for the
+    train and the val/test transforms and the one-time decode, then through a
+    DataLoader with `workers` processes."""
     cached = [decode_small((p, preload_size(size))) for p in paths]
-    book_rate = median_rate(lambda: [book(load_rgb(p)) for p in paths], len(paths), repeats)
+    rows = []
+    for mode, book in (('train', book_train_transform(size)), ('val/test', book_eval_transform(size))):
+        ours = preloaded_transforms(mode.split('/')[0], size)
+        book_rate = median_rate(lambda: [book(load_rgb(p)) for p in paths], len(paths), repeats)
+        ours_rate = median_rate(lambda: [ours(c) for c in cached], len(paths), repeats)
+        rows.append((f'data, {mode} transforms, {size} px, 1 process',
+                     'book: PIL decode + float transforms per image', book_rate,
+                     'ours (--preload): uint8 crop (+flip) per epoch', ours_rate))
     decode_rate = median_rate(lambda: [decode_small((p, preload_size(size))) for p in paths],
                               len(paths), repeats)
-    ours_rate = median_rate(lambda: [ours(c) for c in cached], len(paths), repeats)
-    return [(f'data, train transforms, {size} px, 1 worker', 'book: PIL decode + float transforms per image',
-             book_rate, f'ours (--preload): uint8 crop+flip per epoch', ours_rate),
-            (f'data, one-time decode for --preload, {size} px', 'book: per image, every epoch',
-             book_rate, 'ours: once per run', decode_rate)]
+    rows.append((f'data, one-time decode for --preload, {size} px',
+                 'book: train transforms per image, every epoch', rows[0][2], 'ours: once per run',
+                 decode_rate))
+    book = Transformed(paths, load_rgb, book_train_transform(size))
+    ours = Transformed(cached, lambda c: c, preloaded_transforms('train', size))
+    rows.append((f'data, train transforms, {size} px, DataLoader, {workers} workers',
+                 'book: PIL decode + float transforms per image', loader_rate(book, workers, repeats),
+                 'ours (--preload)', loader_rate(ours, workers, repeats)))
+    return rows
 
 
 def flops_per_image(model, size):
@@ -126,7 +164,7 @@ def percent_of_peak(rate, flops, peak):
     return f'{rate * flops / 1e9:.0f} GFLOP/s ({100 * rate * flops / 1e9 / peak:.0f}%)'
 
 
-def main(repeats=5, threads=2, images=64):
+def main(repeats=5, threads=2, images=64, workers=2):
     torch.set_num_threads(threads)
     peak = matmul_peak_gflops(repeats)
     bf16_peak = matmul_peak_gflops(repeats, torch.bfloat16)
@@ -137,7 +175,7 @@ def main(repeats=5, threads=2, images=64):
     if os.path.isdir(SHARED):
         paths = [os.path.join(SHARED, f'{c}.{i}.jpg') for c in ('cat', 'dog') for i in range(images // 2)]
         for size in (224, 64):
-            for what, base, base_rate, our, our_rate in pipeline_rows(paths, size, repeats):
+            for what, base, base_rate, our, our_rate in pipeline_rows(paths, size, repeats, workers):
                 print(f'| {what} | {base} | {base_rate:.0f} | {our} | {our_rate:.0f} | '
                       f'{our_rate / base_rate:.2f}x | |')
     else:

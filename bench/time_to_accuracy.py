@@ -32,7 +32,7 @@ RECIPES = {
     'pretrained': dict(model='EfficientNetLite0', image_size=224, freeze=True, augment=False,
                        bf16=True, batch_size=64, lr=1e-3, max_epoch=10),
     # the book's defaults: ResNet34 from scratch at 224 px, Adam 1e-3, loss-triggered decay
-    'book': dict(model='ResNet34', image_size=224, batch_size=32, max_epoch=1),
+    'book': dict(model='ResNet34', image_size=224, batch_size=32, max_epoch=10),
 }
 
 

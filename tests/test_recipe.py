@@ -1,5 +1,6 @@
 """The CPU recipe's pieces: preloaded images, AdamW without decay on norms, cosine."""
 import os
+import signal
 import subprocess
 import sys
 import warnings
@@ -64,10 +65,16 @@ def test_preload_in_worker_processes_after_torch_used_its_threads(tmp_path):
               f'assert d.cache[0].shape == (3, 144, 144), d.cache[0].shape\n'
               f'print("decoded", len(d.cache))')
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    done = subprocess.run([sys.executable, '-c', script], cwd=root, capture_output=True,
-                          text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
-    assert 'decoded 8' in done.stdout
+    child = subprocess.Popen([sys.executable, '-c', script], cwd=root, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = child.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(child.pid, signal.SIGKILL)  # the hung decoders too, not just their parent
+        child.communicate()
+        pytest.fail('decoding in worker processes hung')
+    assert child.returncode == 0, err
+    assert 'decoded 8' in out
 
 
 def test_the_cpu_recipe_learns(fast_options, capfd):

@@ -166,3 +166,10 @@ def test_learns_on_real_kaggle_images(shared_train, tmp_path):
     best = max(history, key=lambda r: r['val_acc_cm'])
     assert best['val_acc_cm'] > 60.0
     assert best['val_cm'][0][0] > 0 and best['val_cm'][1][1] > 0
+
+
+def test_bf16_on_a_cpu_without_native_bf16_warns(fast_options, monkeypatch):
+    monkeypatch.setattr(torch.cpu, '_is_amx_tile_supported', lambda: False)
+    monkeypatch.setattr(torch.cpu, '_is_avx512_bf16_supported', lambda: False)
+    with pytest.warns(UserWarning, match='no native bfloat16 support.*drop --bf16'):
+        main.parse_options(dict(fast_options, bf16=True))

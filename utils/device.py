@@ -1,6 +1,7 @@
 # coding: utf8
 """How tensors compute: on which device, in which memory format, at which precision."""
 import os
+import platform
 import shutil
 import warnings
 
@@ -29,8 +30,10 @@ def check_bf16(device):
     """Warn when --bf16 would be emulated, i.e. slower than fp32, on this device."""
     if device.type == 'cuda':
         native = torch.cuda.is_bf16_supported(including_emulation=False)
-    else:
-        native = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    else:  # AMX or AVX512-BF16 (x86); Arm CPUs with BF16 report through oneDNN
+        native = (torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
+                  or (platform.machine() in ('aarch64', 'arm64')
+                      and torch.ops.mkldnn._is_mkldnn_bf16_supported()))
     if not native:
         warnings.warn(f'--bf16: this {device.type.upper()} has no native bfloat16 support, so '
                       f'it would run slower than fp32; drop --bf16')
