@@ -1,12 +1,13 @@
 # coding: utf8
 """Book-style pipeline vs ours, measured side by side in one process.
 
-    .venv/bin/python bench/run.py [--repeats=5] [--threads=2] [--images=64] [--workers=2]
+    .venv/bin/python bench/run.py [--repeats=5] [--threads=2] [--images=64] [--workers=2] [--compile]
 
 Rows: this machine's fp32 and bf16 matmul peaks; data-pipeline images/s in one process
 and through a DataLoader with --workers processes (the book's per-image PIL + float
 transforms vs our decode-once uint8 path, for the train and the val/test transforms);
-train-step and eval images/s per model, with the achieved GFLOP/s against the matmul peak. Each
+train-step and eval images/s per model, with the achieved GFLOP/s against the matmul peak; with
+--compile, SmallResNet's train step eager vs torch.compile. Each
 number is the median of --repeats timed runs after a warm-up. Run it on an idle
 machine: it prints a markdown table to paste into bench/RESULTS.md.
 """
@@ -108,16 +109,17 @@ def flops_per_image(model, size):
     return counter.get_total_flops()
 
 
-def train_rate(model, size, batch, repeats, channels_last, bf16=False):
+def train_rate(model, size, batch, repeats, channels_last, bf16=False, compiled=False):
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     model = model.to(memory_format=fmt).train()
+    forward = torch.compile(model) if compiled else model
     x = torch.randn(batch, 3, size, size).contiguous(memory_format=fmt)
     y = torch.randint(0, 2, (batch,))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
 
     def step():
         with torch.autocast('cpu', dtype=torch.bfloat16, enabled=bf16):
-            scores = model(x).float()
+            scores = forward(x).float()
         loss = torch.nn.functional.cross_entropy(scores, y)
         optimizer.zero_grad()
         loss.backward()
@@ -160,11 +162,27 @@ def model_rows(name, size, batch, repeats, peak, bf16_peak):
     return rows
 
 
+def compile_rows(repeats, size=96, batch=64):
+    """(precision, eager img/s, compiled img/s, seconds of the first compiled step)."""
+    rows = []
+    for bf16 in (True, False):
+        torch.manual_seed(0)
+        eager = train_rate(build_model('SmallResNet'), size, batch, repeats, True, bf16)
+        torch.manual_seed(0)
+        start = time.perf_counter()
+        compiled = train_rate(build_model('SmallResNet'), size, batch, repeats, True, bf16,
+                              compiled=True)
+        # the warm-up step compiled: whole call less the timed steps at their median
+        first = time.perf_counter() - start - repeats * batch / compiled
+        rows.append(('bf16' if bf16 else 'fp32', eager, compiled, first))
+    return rows
+
+
 def percent_of_peak(rate, flops, peak):
     return f'{rate * flops / 1e9:.0f} GFLOP/s ({100 * rate * flops / 1e9 / peak:.0f}%)'
 
 
-def main(repeats=5, threads=2, images=64, workers=2):
+def main(repeats=5, threads=2, images=64, workers=2, compile=False):
     torch.set_num_threads(threads)
     peak = matmul_peak_gflops(repeats)
     bf16_peak = matmul_peak_gflops(repeats, torch.bfloat16)
@@ -185,6 +203,11 @@ def main(repeats=5, threads=2, images=64, workers=2):
                 name, size, batch, repeats, peak, bf16_peak):
             print(f'| {what} | {base} | {base_rate:.1f} | {our} | {our_rate:.1f} | '
                   f'{our_rate / base_rate:.2f}x | {percent_of_peak(our_rate, flops, our_peak)} |')
+    if compile:
+        print('\n| precision | eager img/s | compiled img/s | speed-up | first step (compilation) |')
+        print('|---|---|---|---|---|')
+        for precision, eager, compiled, first in compile_rows(repeats):
+            print(f'| {precision} | {eager:.0f} | {compiled:.0f} | {compiled / eager:.2f}x | {first:.0f} s |')
 
 
 if __name__ == '__main__':

@@ -27,7 +27,7 @@ RECIPES = {
     # the CPU recipe: small residual net, images decoded once to RAM, AdamW + cosine
     'cpu': dict(model='SmallResNet', image_size=96, preload=True, num_workers=0, bf16=True,
                 batch_size=64, optimizer='adamw', lr=2e-3, weight_decay=0.05,
-                label_smoothing=0.1, lr_schedule='cosine', max_epoch=22),
+                label_smoothing=0.1, lr_schedule='cosine', max_epoch=26),
     # ImageNet-pretrained EfficientNetLite0, frozen: features computed once, linear head
     'pretrained': dict(model='EfficientNetLite0', image_size=224, freeze=True, augment=False,
                        bf16=True, batch_size=64, lr=1e-3, max_epoch=10),
