@@ -164,6 +164,8 @@ def model_rows(name, size, batch, repeats, peak, bf16_peak):
 
 def compile_rows(repeats, size=96, batch=64):
     """(precision, eager img/s, compiled img/s, seconds of the first compiled step)."""
+    from torch._inductor import config as inductor_config
+    inductor_config.force_disable_caches = True  # time a first compilation, as a user's first run
     rows = []
     for bf16 in (True, False):
         torch.manual_seed(0)
