@@ -7,13 +7,18 @@ Rows: this machine's fp32 and bf16 matmul peaks; data-pipeline images/s in one p
 and through a DataLoader with --workers processes (the book's per-image PIL + float
 transforms vs our decode-once uint8 path, for the train and the val/test transforms);
 train-step and eval images/s per model, with the achieved GFLOP/s against the matmul peak; with
---compile, SmallResNet's train step eager vs torch.compile. Each
+--compile, SmallResNet's train step eager vs torch.compile; last, a short training
+with --vis=True and no Visdom server against --vis=False. Each
 number is the median of --repeats timed runs after a warm-up. Run it on an idle
 machine: it prints a markdown table to paste into bench/RESULTS.md.
 """
+import contextlib
+import io
 import os
+import shutil
 import statistics
 import sys
+import tempfile
 import time
 
 import fire
@@ -27,6 +32,7 @@ sys.path.insert(0, ROOT)
 
 from data.dataset import (IMAGENET_MEAN, IMAGENET_STD, decode_small, load_rgb,  # noqa: E402
                           preload_size, preloaded_transforms)
+from data.synthetic import make_labelled_images  # noqa: E402
 from models import build_model  # noqa: E402
 
 SHARED = os.path.join(ROOT, '..', 'shared', 'data', 'dogcat', 'train')
@@ -180,6 +186,31 @@ def compile_rows(repeats, size=96, batch=64):
     return rows
 
 
+def vis_row(repeats, images=200, epochs=2):
+    """The same short training (a plot every batch) with --vis=False and with --vis=True
+    and no server (plots recorded to a file): must be equal within noise.
+    bench/vis_overhead.py adds a live and a hung server."""
+    from bench.vis_overhead import free_port, timed_training
+    tmp = tempfile.mkdtemp(prefix='bench_vis_')
+    root = make_labelled_images(os.path.join(tmp, 'train'), n_per_class=images // 2, size=48, seed=0)
+    base = dict(train_data_root=root, model='SmallResNet', image_size=32, batch_size=16,
+                max_epoch=epochs, num_workers=0, print_freq=1, env='bench',
+                debug_file=os.path.join(tmp, 'no_debug'))
+    modes = {'off': dict(vis=False), 'no server': dict(vis=True, vis_port=free_port())}
+    times = {mode: [] for mode in modes}
+    with contextlib.redirect_stdout(io.StringIO()):
+        timed_training(dict(base, vis=False, checkpoint_dir=os.path.join(tmp, 'warmup')))
+        for repeat in range(repeats):
+            for mode, extra in modes.items():  # interleaved, so drift hits both alike
+                checkpoints = os.path.join(tmp, f'{mode}{repeat}')
+                times[mode].append(timed_training(dict(base, checkpoint_dir=checkpoints, **extra)))
+    shutil.rmtree(tmp, ignore_errors=True)
+    seen = images * epochs  # training images per run (validation included in the time)
+    return (f'train loop, SmallResNet 32 px, {images} generated images x {epochs} epochs, a plot every batch',
+            '--vis=False', seen / statistics.median(times['off']),
+            '--vis=True, no Visdom server', seen / statistics.median(times['no server']))
+
+
 def percent_of_peak(rate, flops, peak):
     return f'{rate * flops / 1e9:.0f} GFLOP/s ({100 * rate * flops / 1e9 / peak:.0f}%)'
 
@@ -205,6 +236,8 @@ def main(repeats=5, threads=2, images=64, workers=2, compile=False):
                 name, size, batch, repeats, peak, bf16_peak):
             print(f'| {what} | {base} | {base_rate:.1f} | {our} | {our_rate:.1f} | '
                   f'{our_rate / base_rate:.2f}x | {percent_of_peak(our_rate, flops, our_peak)} |')
+    what, base, base_rate, our, our_rate = vis_row(max(repeats, 9))  # ~1 s runs: more repeats
+    print(f'| {what} | {base} | {base_rate:.0f} | {our} | {our_rate:.0f} | {our_rate / base_rate:.2f}x | |')
     if compile:
         print('\n| precision | eager img/s | compiled img/s | speed-up | first step (compilation) |')
         print('|---|---|---|---|---|')
