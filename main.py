@@ -29,7 +29,7 @@ from data.synthetic import make_labelled_images, make_test_images
 from models import build_model
 from utils.doctor import collapse_warning, run_doctor
 from utils import distributed
-from utils.device import autocast, check_bf16, check_compile, to_device
+from utils.device import check_bf16, check_compile, forward, to_device
 from utils.errors import UserError
 from utils.feature_cache import use_cached_features
 from utils.interrupt import GracefulStop
@@ -116,10 +116,8 @@ def train_one_epoch(model, loader, criterion, optimizer, opt, epoch, skipped, vi
                 vis.img_grid('first training batch', images, [CLASSES[t] for t in targets.tolist()],
                              title=f'epoch {epoch}: first training batch',
                              mean=net.input_mean, std=net.input_std)
-            images = to_device(images, opt)
             targets = targets.to(opt.device, non_blocking=True)
-            with autocast(opt):
-                scores = model(images).float()
+            scores = forward(model, images, opt)
             loss = criterion(scores, targets)
             loss_value = loss.item()
             if not math.isfinite(loss_value) or distributed.launched_by_torchrun():
@@ -159,8 +157,7 @@ def evaluate(model, loader, opt, skipped):
         skipped.add(bad)
         if images is None:
             continue
-        with autocast(opt):
-            scores = model(to_device(images, opt)).float()
+        scores = forward(model, images, opt)
         meter.add(scores, targets, criterion(scores.cpu(), targets).item())
     return meter
 
@@ -440,9 +437,7 @@ def test(**kwargs):
         skipped.add(bad)
         if images is None:
             continue
-        with autocast(opt):
-            scores = model(to_device(images, opt)).float()
-        probability_dog = torch.softmax(scores, dim=1)[:, 1]
+        probability_dog = torch.softmax(forward(model, images, opt), dim=1)[:, 1]
         rows += zip(ids.tolist(), probability_dog.cpu().tolist())
     rows = distributed.gather_to_main(rows)
     if not distributed.is_main():

@@ -32,7 +32,6 @@ sys.path.insert(0, ROOT)
 
 from data.dataset import (IMAGENET_MEAN, IMAGENET_STD, decode_small, load_rgb,  # noqa: E402
                           preload_size, preloaded_transforms)
-from data.synthetic import make_labelled_images  # noqa: E402
 from models import build_model  # noqa: E402
 
 SHARED = os.path.join(ROOT, '..', 'shared', 'data', 'dogcat', 'train')
@@ -190,12 +189,9 @@ def vis_row(repeats, images=200, epochs=2):
     """The same short training (a plot every batch) with --vis=False and with --vis=True
     and no server (plots recorded to a file): must be equal within noise.
     bench/vis_overhead.py adds a live and a hung server."""
-    from bench.vis_overhead import free_port, timed_training
+    from bench.vis_overhead import free_port, short_training, timed_training
     tmp = tempfile.mkdtemp(prefix='bench_vis_')
-    root = make_labelled_images(os.path.join(tmp, 'train'), n_per_class=images // 2, size=48, seed=0)
-    base = dict(train_data_root=root, model='SmallResNet', image_size=32, batch_size=16,
-                max_epoch=epochs, num_workers=0, print_freq=1, env='bench',
-                debug_file=os.path.join(tmp, 'no_debug'))
+    base = short_training(tmp, images, epochs)
     modes = {'off': dict(vis=False), 'no server': dict(vis=True, vis_port=free_port())}
     times = {mode: [] for mode in modes}
     with contextlib.redirect_stdout(io.StringIO()):

@@ -37,19 +37,20 @@ RECIPES = {
 
 
 def run(recipe='cpu', data=DATA, minutes=None, **overrides):
-    options = dict(dict(num_workers=2), **RECIPES[recipe], train_data_root=data, vis=False,
-                   checkpoint_dir=f'/tmp/tta_{recipe}', debug_file='/nonexistent')
-    options.update(overrides)
+    options = dict(num_workers=2, vis=False, checkpoint_dir=f'/tmp/tta_{recipe}',
+                   debug_file='/nonexistent', train_data_root=data)
+    options.update(RECIPES[recipe], **overrides)
     start = time.time()
-    cap = threading.Timer((minutes or 0) * 60, os.kill, (os.getpid(), signal.SIGTERM))
-    if minutes:
+    cap = threading.Timer(minutes * 60, os.kill, (os.getpid(), signal.SIGTERM)) if minutes else None
+    if cap:
         cap.start()
     try:
         history = main.train(**options)['history']
     except SystemExit:  # the cap: evaluate what the run saved
         return report_capped(recipe, options, start)
     finally:
-        cap.cancel()
+        if cap:
+            cap.cancel()
     crossed = {t: next(((r['time'] - start) / 60 for r in history if r['val_acc_cm'] >= t), None)
                for t in THRESHOLDS}
     last = history[-1]

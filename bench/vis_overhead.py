@@ -50,13 +50,17 @@ def hang_after(make_visualizer, server, hang):
     return make
 
 
+def short_training(tmp, images, epochs):
+    """Options of a short training on generated images in tmp, plotting every batch."""
+    data = make_labelled_images(os.path.join(tmp, 'train'), n_per_class=images // 2, size=48, seed=0)
+    return dict(train_data_root=data, model='SmallResNet', image_size=32, batch_size=16,
+                max_epoch=epochs, num_workers=0, print_freq=1, env='bench',
+                debug_file=os.path.join(tmp, 'no_debug'))
+
+
 def main_(args):
     tmp = tempfile.mkdtemp(prefix='vis_overhead_')
-    data = make_labelled_images(os.path.join(tmp, 'train'), n_per_class=args.images // 2,
-                                size=48, seed=0)
-    base = dict(train_data_root=data, model='SmallResNet', image_size=32, batch_size=16,
-                max_epoch=args.epochs, num_workers=0, print_freq=1, env='bench',
-                debug_file=os.path.join(tmp, 'no_debug'))
+    base = short_training(tmp, args.images, args.epochs)
     port = free_port()
     server = visdom_server.start(port, env_path=os.path.join(tmp, 'envs'), bind_local=True)
     modes = {

@@ -142,7 +142,7 @@ def init_decoder():
     of its own: it can deadlock), Ctrl-C left to the main process, and the default
     SIGTERM, with which the pool stops it (not the training's save-and-exit handler)."""
     torch.set_num_threads(1)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    ignore_sigint_in_worker(None)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 

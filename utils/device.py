@@ -26,6 +26,12 @@ def autocast(opt):
     return torch.autocast(opt.device.type, dtype=torch.bfloat16, enabled=opt.bf16)
 
 
+def forward(model, images, opt):
+    """model(images) on opt.device, under --bf16's autocast; the scores come back fp32."""
+    with autocast(opt):
+        return model(to_device(images, opt)).float()
+
+
 def check_bf16(device):
     """Warn when --bf16 would be emulated, i.e. slower than fp32, on this device."""
     if device.type == 'cuda':

@@ -14,7 +14,7 @@ from torch import nn
 from torch.utils import data
 
 from data.dataset import Skipped
-from utils.device import autocast, to_device
+from utils.device import forward
 
 CACHE_LIMIT_BYTES = 4 * 2 ** 30  # beyond this the features stay uncached
 
@@ -110,8 +110,7 @@ def compute_features(model, loader, opt, skipped):
                 unreadable.update(bad)
                 if images is None:
                     continue
-                with autocast(opt):
-                    model(to_device(images, opt))
+                forward(model, images, opt)
                 batch_features = captured.pop()
                 if features is None:
                     if batch_features[0].numel() * batch_features.element_size() * len(dataset) \
