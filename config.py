@@ -1,4 +1,3 @@
-# coding: utf8
 """All options of the project, in one place.
 
 Every attribute of DefaultConfig is an option: `python main.py train --lr=1e-3`
@@ -12,6 +11,7 @@ import warnings
 import torch
 
 from utils.errors import UserError
+from utils.visdom_server import DEFAULT_ENV, DEFAULT_PORT, DEFAULT_SERVER
 
 
 class ConfigError(UserError):
@@ -19,10 +19,10 @@ class ConfigError(UserError):
 
 
 class DefaultConfig:
-    env = 'default'  # Visdom environment (one tab per experiment)
+    env = DEFAULT_ENV  # Visdom environment (one tab per experiment)
     vis = True  # plot to Visdom; False turns it off
-    vis_server = 'http://localhost'  # Visdom server address
-    vis_port = 8097  # Visdom server port
+    vis_server = DEFAULT_SERVER  # Visdom server address
+    vis_port = DEFAULT_PORT  # Visdom server port
     model = 'ResNet34'  # model class in models/ (from scratch: ResNet34, SmallResNet, AlexNet; pretrained: SqueezeNet, ResNet18, ResNet34Pretrained, MobileNetV2, EfficientNetLite0)
     pretrained = True  # ImageNet weights for the pretrained models; False trains them from scratch (Kaiming init)
     weights = None  # local ImageNet state dict (.pth) for a pretrained model, instead of the download (offline machines, mirrors)

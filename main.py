@@ -1,4 +1,3 @@
-# coding: utf8
 """Dogs vs. Cats: train, validate and test a classifier.
 
     python main.py train [--option=value ...]

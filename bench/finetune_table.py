@@ -1,4 +1,3 @@
-# coding: utf8
 """The write-up's comparison on real photos: from scratch vs fine-tuned vs frozen.
 
     .venv/bin/python bench/finetune_table.py [--images=400] [--size=64] [--epochs=2] [--probe_epochs=10]

@@ -1,4 +1,3 @@
-# coding: utf8
 """Book-style pipeline vs ours, measured side by side in one process.
 
     .venv/bin/python bench/run.py [--repeats=5] [--threads=2] [--images=64] [--workers=2] [--compile]
@@ -30,7 +29,8 @@ from torchvision import transforms as T
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from data.dataset import (IMAGENET_MEAN, IMAGENET_STD, decode_small, load_rgb,  # noqa: E402
+from models.basic_module import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
+from data.dataset import (decode_small, load_rgb,  # noqa: E402
                           preload_size, preloaded_transforms)
 from models import build_model  # noqa: E402
 

@@ -1,4 +1,3 @@
-# coding: utf8
 """What Visdom costs a training run: the same short training (generated images,
 print_freq=1 so every batch plots) with --vis=False, with no server (recording only),
 with a live server, and with a server that hangs (SIGSTOP: every request would time out).

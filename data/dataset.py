@@ -1,4 +1,3 @@
-# coding: utf8
 """The Kaggle Dogs vs. Cats images as a PyTorch Dataset.
 
 Two layouts are understood for labelled data:
@@ -24,8 +23,6 @@ from utils import distributed
 from utils.errors import UserError
 
 CLASSES = ('cat', 'dog')  # label 0 = cat, 1 = dog
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp', '.tif', '.tiff')
 LABELLED_NAME = re.compile(r'^(cat|dog)\.\d+\.[A-Za-z]+$', re.IGNORECASE)
 TEST_NAME = re.compile(r'^(\d+)\.[A-Za-z]+$')
@@ -103,22 +100,28 @@ def split_train_val(samples, val_ratio, seed):
     return train, val
 
 
-def default_transforms(mode, image_size, mean=IMAGENET_MEAN, std=IMAGENET_STD, augment=True):
-    """Resize and normalise with the model's own constants (model.input_mean/input_std);
-    random crops and flips for training unless augment=False."""
-    normalize = T.Normalize(mean=mean, std=std)
+def normalization(mean, std):
+    """The model's own input constants (model.input_mean/input_std); with None the
+    pixels stay in [0, 1]."""
+    return [] if mean is None else [T.Normalize(mean=mean, std=std)]
+
+
+def default_transforms(mode, image_size, mean=None, std=None, augment=True):
+    """Resize and normalise with the model's own constants; random crops and flips for
+    training unless augment=False."""
     if mode == 'train' and augment:
-        return T.Compose([T.Resize(image_size), T.RandomResizedCrop(image_size),
-                          T.RandomHorizontalFlip(), T.ToTensor(), normalize])
-    return T.Compose([T.Resize(image_size), T.CenterCrop(image_size), T.ToTensor(), normalize])
+        steps = [T.Resize(image_size), T.RandomResizedCrop(image_size), T.RandomHorizontalFlip()]
+    else:
+        steps = [T.Resize(image_size), T.CenterCrop(image_size)]
+    return T.Compose(steps + [T.ToTensor()] + normalization(mean, std))
 
 
-def preloaded_transforms(mode, image_size, mean=IMAGENET_MEAN, std=IMAGENET_STD, augment=True):
+def preloaded_transforms(mode, image_size, mean=None, std=None, augment=True):
     """For images already decoded to uint8 tensors at 9/8 of image_size: random crop and
     flip on the small uint8 tensor (cheap), then float and normalise."""
     steps = ([T.RandomCrop(image_size), T.RandomHorizontalFlip()] if mode == 'train' and augment
              else [T.CenterCrop(image_size)])
-    return T.Compose(steps + [T.ConvertImageDtype(torch.float32), T.Normalize(mean, std)])
+    return T.Compose(steps + [T.ConvertImageDtype(torch.float32)] + normalization(mean, std))
 
 
 def preload_size(image_size):
@@ -156,7 +159,7 @@ def load_rgb(path):
 
 class DogCat(data.Dataset):
     def __init__(self, root, transforms=None, mode='train', val_ratio=0.3, seed=100,
-                 image_size=224, mean=IMAGENET_MEAN, std=IMAGENET_STD, augment=True,
+                 image_size=224, mean=None, std=None, augment=True,
                  preload=False, num_workers=0):
         if mode not in ('train', 'val', 'test'):
             raise ValueError(f"mode must be 'train', 'val' or 'test', not {mode!r}")

@@ -1,4 +1,3 @@
-# coding: utf8
 """Generated stand-ins for the Kaggle images, for the demo and the tests.
 
 "Cats" carry horizontal stripes, "dogs" vertical ones, on random colours with noise:

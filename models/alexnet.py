@@ -1,4 +1,3 @@
-# coding: utf8
 """AlexNet (Krizhevsky et al. 2012), trained from scratch, with Kaiming initialisation."""
 from torch import nn
 

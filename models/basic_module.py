@@ -1,4 +1,3 @@
-# coding: utf8
 import os
 import pickle
 import time
@@ -7,8 +6,11 @@ import warnings
 import torch
 from torch import nn
 
-from data.dataset import IMAGENET_MEAN, IMAGENET_STD
 from utils.errors import UserError
+
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class CheckpointError(UserError):

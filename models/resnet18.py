@@ -1,4 +1,3 @@
-# coding: utf8
 """torchvision's ResNet18 with ImageNet weights, fine-tuned with a 2-class head."""
 from torch import nn
 from torchvision.models import ResNet18_Weights, resnet18

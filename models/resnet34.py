@@ -1,4 +1,3 @@
-# coding: utf8
 """The book's ResNet34, trained from scratch, with Kaiming initialisation."""
 from torch import nn
 

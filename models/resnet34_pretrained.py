@@ -1,4 +1,3 @@
-# coding: utf8
 """torchvision's ResNet34 with ImageNet weights and a 2-class head (the book's
 ResNet34 in resnet34.py is the same depth trained from scratch)."""
 from torchvision.models import ResNet34_Weights, resnet34

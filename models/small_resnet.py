@@ -1,4 +1,3 @@
-# coding: utf8
 """SmallResNet: a ResNet-10-style network sized for CPUs at 64-128 px.
 
 A 3x3 stride-2 stem, then one basic block per stage at 32/64/128/256 channels;

@@ -1,4 +1,3 @@
-# coding: utf8
 """torchvision's SqueezeNet 1.1 with ImageNet weights and a 2-class head."""
 from torch import nn
 from torchvision.models import SqueezeNet1_1_Weights, squeezenet1_1

@@ -6,6 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
+from models.basic_module import IMAGENET_MEAN, IMAGENET_STD
 from data.dataset import (DataError, DogCat, SkippedFiles, build_loader, list_labelled_images,
                           split_train_val)
 from data.synthetic import make_labelled_images, make_test_images
@@ -116,7 +117,8 @@ def test_one_class_only_is_an_error(tmp_path):
 
 
 def test_train_transforms_normalise_with_imagenet_statistics(striped_data):
-    dataset = DogCat(striped_data['train'], mode='val', image_size=32)
+    dataset = DogCat(striped_data['train'], mode='val', image_size=32,
+                     mean=IMAGENET_MEAN, std=IMAGENET_STD)
     batch = torch.stack([dataset[i][0] for i in range(len(dataset))])
     assert batch.min() < -0.5 and batch.max() > 0.5  # not raw 0-255, not plain [0, 1]
     assert abs(float(batch.mean())) < 1.0 and np.isfinite(batch.numpy()).all()

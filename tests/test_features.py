@@ -42,7 +42,7 @@ def test_a_trained_checkpoint_reports_its_own_numbers(tmp_path, image, capsys):
 
     # the same numbers from a plain forward hook on the saved model
     model.eval()
-    x = default_transforms('val', 48)(load_rgb(image)).unsqueeze(0)
+    x = default_transforms('val', 48, model.input_mean, model.input_std)(load_rgb(image)).unsqueeze(0)
     seen = {}
     model.layers[1].register_forward_hook(lambda m, i, o: seen.update(out=o))
     with torch.inference_mode():

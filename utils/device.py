@@ -1,4 +1,3 @@
-# coding: utf8
 """How tensors compute: on which device, in which memory format, at which precision."""
 import os
 import platform

@@ -1,4 +1,3 @@
-# coding: utf8
 """torchrun support: one process per device with PyTorch's own distributed engine.
 
 `torchrun --nproc_per_node=N main.py train ...` sets WORLD_SIZE, RANK and LOCAL_RANK;

@@ -1,4 +1,3 @@
-# coding: utf8
 """The 50% doctor: the reference write-up's stuck-at-50% checklist, run automatically.
 
 Each check is a short function that examines the objects train builds (loader,

@@ -1,4 +1,3 @@
-# coding: utf8
 """Frozen backbone, fast: compute its features once, then train the head on them.
 
 With --freeze the backbone is a fixed function, so when the input transforms are

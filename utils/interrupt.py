@@ -1,4 +1,3 @@
-# coding: utf8
 """Ctrl-C and SIGTERM without losing work: finish the step, save, say how to resume."""
 import signal
 import sys

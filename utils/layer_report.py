@@ -1,4 +1,3 @@
-# coding: utf8
 """The write-up's FeatureExtractor, on torchvision's FX feature extraction: the
 output of named layers for one image, without a hand-written forward per model."""
 import copy

@@ -1,4 +1,3 @@
-# coding: utf8
 """Epoch metrics from torchnet meters, plus the running-count accuracy beside them."""
 import math
 

@@ -1,4 +1,3 @@
-# coding: utf8
 """The Visdom page's scripts, stylesheets and fonts, installed from the npm registry.
 
 At every start `python -m visdom.server` downloads these from CDNs (unpkg, cdn.plot.ly,

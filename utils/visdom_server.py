@@ -1,4 +1,3 @@
-# coding: utf8
 """Start a local Visdom server when none answers, and stop only the one started here.
 
     python -m utils.visdom_server python main.py demo [options]
@@ -16,6 +15,8 @@ from urllib.parse import urlparse
 from utils.errors import UserError
 
 LOCAL_HOSTS = ('localhost', '127.0.0.1')
+# The defaults of config.py's --vis_server, --vis_port and --env (config reads them here).
+DEFAULT_SERVER, DEFAULT_PORT, DEFAULT_ENV = 'http://localhost', 8097, 'default'
 # Straight to the server: an http_proxy without a no_proxy for localhost must not hide it.
 DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
@@ -95,11 +96,10 @@ def wait(child):
 def run_with_server(command):
     """Run `command` (a main.py command line) with a Visdom server on its --vis_port;
     start one when none answers and stop that one afterwards. Returns the exit status."""
-    from config import DefaultConfig
-    port = int(option(command, 'vis_port', DefaultConfig.vis_port))
-    host = urlparse(option(command, 'vis_server', DefaultConfig.vis_server)).hostname
+    port = int(option(command, 'vis_port', DEFAULT_PORT))
+    host = urlparse(option(command, 'vis_server', DEFAULT_SERVER)).hostname
     vis = option(command, 'vis', 'True').lower() not in ('false', '0', 'no')
-    env = option(command, 'env', 'demo' if 'demo' in command else DefaultConfig.env)
+    env = option(command, 'env', 'demo' if 'demo' in command else DEFAULT_ENV)
     process = child = None
     status = 130
 

@@ -1,4 +1,3 @@
-# coding: utf8
 """Visualizer: the book's thin layer over Visdom, which never holds training up.
 
 Every call is recorded to a replayable log file (when one is given) and handed to a
