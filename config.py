@@ -2,14 +2,19 @@
 
 Every attribute of DefaultConfig is an option: `python main.py train --lr=1e-3`
 overrides `lr`. The comment after each one is its help text (`python main.py help`).
+A recipe (`--recipe=cpu`) is a named set of defaults; options given explicitly win.
+Every command reads its options through parse().
 """
 import difflib
 import inspect
+import os
 import re
 import warnings
 
 import torch
 
+from utils import distributed
+from utils.device import check_compile, resolve_bf16
 from utils.errors import UserError
 from utils.visdom_server import DEFAULT_ENV, DEFAULT_PORT, DEFAULT_SERVER
 
@@ -18,7 +23,22 @@ class ConfigError(UserError):
     """A bad command-line option."""
 
 
+# Measured presets (bench/time_to_accuracy.py, bench/RESULTS.md).
+RECIPES = {
+    # the book's defaults: ResNet34 from scratch at 224 px, Adam 1e-3, loss-triggered decay
+    'book': dict(),
+    # small residual net, images decoded once to RAM, AdamW + warm-up/cosine
+    'cpu': dict(model='SmallResNet', image_size=96, preload=True, num_workers=0,
+                batch_size=64, optimizer='adamw', lr=2e-3, weight_decay=0.05,
+                label_smoothing=0.1, lr_schedule='cosine', max_epoch=26),
+    # ImageNet-pretrained EfficientNetLite0, frozen: features computed once, linear head
+    'pretrained': dict(model='EfficientNetLite0', image_size=224, freeze=True, augment=False,
+                       batch_size=64, lr=1e-3, max_epoch=10),
+}
+
+
 class DefaultConfig:
+    recipe = 'book'  # preset of the options below: book, cpu or pretrained (options given explicitly win)
     env = DEFAULT_ENV  # Visdom environment (one tab per experiment)
     vis = True  # plot to Visdom; False turns it off
     vis_server = DEFAULT_SERVER  # Visdom server address
@@ -27,6 +47,7 @@ class DefaultConfig:
     pretrained = True  # ImageNet weights for the pretrained models; False trains them from scratch (Kaiming init)
     weights = None  # local ImageNet state dict (.pth) for a pretrained model, instead of the download (offline machines, mirrors)
     freeze = False  # train only the classifier of a pretrained model; its backbone stays fixed
+    init = 'kaiming'  # initialisation of the layers trained from scratch: kaiming (He et al.), or pytorch (each layer's default, the write-up's stuck-at-50% baseline)
 
     train_data_root = './data/train'  # Kaggle train/ folder (cat.N.jpg, dog.N.jpg) or cat/ and dog/ subfolders
     test_data_root = './data/test1'  # Kaggle test1/ folder (N.jpg)
@@ -45,10 +66,10 @@ class DefaultConfig:
     num_workers = 2  # data-loading processes (with --preload on a 2-4 core CPU, 0 is fastest)
     channels_last = True  # channels-last memory format: faster convolutions, same results
     compile = False  # torch.compile the model for training: fused kernels after a one-off compilation (on a CPU it needs a C++ compiler)
-    bf16 = False  # bfloat16 autocast: 2-4x faster on CPUs with AMX/AVX512-BF16 and on Ampere+ GPUs; numbers differ slightly from fp32
+    bf16 = 'auto'  # bfloat16 autocast: auto (on where the hardware has it: CPUs with AMX/AVX512-BF16, Ampere+ GPUs; 2-4x faster there), True or False; numbers differ slightly from fp32
     print_freq = 20  # log the running loss every N batches
 
-    debug_file = '/tmp/debug'  # while this file exists, drop into the debugger
+    debug_file = None  # while this file exists, drop into the debugger (with a terminal only); default <checkpoint_dir>/debug
     result_file = 'result.csv'  # where test writes id,label (label = probability of dog)
     img = None  # image for the features command
     layers = None  # features: comma-separated layer names to show (default: the top-level ones)
@@ -65,16 +86,23 @@ class DefaultConfig:
     weight_decay = 0e-5  # L2 penalty
 
     def _parse(self, kwargs, verbose=True):
-        """Apply command-line overrides, checking names and types; print the result."""
-        for raw_key, value in kwargs.items():
-            key = raw_key.replace('-', '_')
+        """Apply the recipe, then the command-line overrides, checking names, types and
+        values; print the result."""
+        kwargs = {raw_key.replace('-', '_'): value for raw_key, value in kwargs.items()}
+        for key in kwargs:
             if key.startswith('_') or not hasattr(DefaultConfig, key):
                 raise ConfigError(unknown_option_message(key))
+        recipe = coerce('recipe', kwargs.get('recipe', self.recipe), 'book')
+        if recipe not in RECIPES:
+            raise ConfigError(f"--recipe must be one of {', '.join(RECIPES)}, not {recipe!r}")
+        for key, value in {**RECIPES[recipe], **kwargs}.items():
             setattr(self, key, coerce(key, value, getattr(DefaultConfig, key)))
         if self.optimizer not in ('adam', 'sgd', 'adamw'):
             raise ConfigError(f"--optimizer must be adam, sgd or adamw, not {self.optimizer!r}")
         if self.lr_schedule not in ('loss', 'cosine'):
             raise ConfigError(f"--lr_schedule must be loss or cosine, not {self.lr_schedule!r}")
+        if self.init not in ('kaiming', 'pytorch'):
+            raise ConfigError(f"--init must be kaiming or pytorch, not {self.init!r}")
         for key in ('backbone_lr', 'classifier_lr'):
             value = getattr(self, key)
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
@@ -85,6 +113,10 @@ class DefaultConfig:
         for key in ('batch_size', 'image_size', 'max_epoch', 'print_freq'):
             if getattr(self, key) < 1:
                 raise ConfigError(f"--{key} must be at least 1, not {getattr(self, key)}")
+        if self.batch_size < 2:
+            raise ConfigError('--batch_size must be at least 2: BatchNorm cannot train on one image')
+        if self.debug_file is None:
+            self.debug_file = os.path.join(self.checkpoint_dir, 'debug')
         if self.use_gpu and not torch.cuda.is_available():
             warnings.warn('--use_gpu=True but no GPU is available: running on the CPU')
             self.use_gpu = False
@@ -97,6 +129,13 @@ class DefaultConfig:
     def to_dict(self):
         return {key: getattr(self, key) for key in option_names()}
 
+    def overrides_line(self):
+        """The options that differ from the recipe's defaults, as a command line (for
+        the printed resume command)."""
+        defaults = DefaultConfig()._parse({'recipe': self.recipe}, verbose=False).to_dict()
+        return ' '.join(f'--{key}={value}' for key, value in self.to_dict().items()
+                        if value != defaults[key] and key not in ('resume', 'load_model_path'))
+
     @property
     def device(self):
         """The GPU when use_gpu, else the CPU; torchrun ranks set their own."""
@@ -105,6 +144,17 @@ class DefaultConfig:
     @device.setter
     def device(self, device):
         self._device = device
+
+
+def parse(kwargs, verbose=True):
+    """The options of every command: recipe, overrides, checks; under torchrun this
+    process joins the process group and gets its device."""
+    opt = DefaultConfig()._parse(kwargs, verbose=verbose and distributed.rank_from_env() == 0)
+    opt.device = distributed.setup(opt.use_gpu)
+    opt.bf16 = resolve_bf16(opt.bf16, opt.device)
+    if opt.compile:
+        check_compile(opt.device)
+    return opt
 
 
 def option_names():
@@ -130,6 +180,10 @@ def coerce(key, value, default):
             return True
         if str(value).lower() in ('false', '0', 'no'):
             return False
+    elif key == 'bf16':  # auto, or a bool
+        if str(value).lower() == 'auto':
+            return 'auto'
+        return coerce(key, value, False)
     elif kind is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)

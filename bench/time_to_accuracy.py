@@ -1,10 +1,10 @@
 """Wall time to 80/85/90/92/93% validation accuracy on the shared Kaggle images.
 
-    python bench/time_to_accuracy.py --recipe=cpu        # SmallResNet, 96 px, preloaded, bf16
-    python bench/time_to_accuracy.py --recipe=pretrained # EfficientNetLite0, frozen, cached, bf16
+    python bench/time_to_accuracy.py --recipe=cpu        # SmallResNet, 96 px, preloaded
+    python bench/time_to_accuracy.py --recipe=pretrained # EfficientNetLite0, frozen, cached
     python bench/time_to_accuracy.py --recipe=book --minutes=20 # capped: where did it get?
 
-Each recipe trains through `main.train` (the project's own loop, meters, checkpoints)
+Each recipe (config.RECIPES) trains through `main.train` (the project's own loop, meters, checkpoints)
 on ../shared/data/dogcat/train with the seeded 70/30 split; the clock starts before
 the data is listed, so decoding and set-up count. Prints a markdown row per recipe.
 With --minutes the run gets SIGTERM at the cap (it saves its place, as on any
@@ -19,33 +19,23 @@ import time
 import fire
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import config  # noqa: E402
 import main  # noqa: E402
 
 DATA = os.path.join(os.path.dirname(__file__), '..', '..', 'shared', 'data', 'dogcat', 'train')
 THRESHOLDS = (80, 85, 90, 92, 93)
-RECIPES = {
-    # the CPU recipe: small residual net, images decoded once to RAM, AdamW + cosine
-    'cpu': dict(model='SmallResNet', image_size=96, preload=True, num_workers=0, bf16=True,
-                batch_size=64, optimizer='adamw', lr=2e-3, weight_decay=0.05,
-                label_smoothing=0.1, lr_schedule='cosine', max_epoch=26),
-    # ImageNet-pretrained EfficientNetLite0, frozen: features computed once, linear head
-    'pretrained': dict(model='EfficientNetLite0', image_size=224, freeze=True, augment=False,
-                       bf16=True, batch_size=64, lr=1e-3, max_epoch=10),
-    # the book's defaults: ResNet34 from scratch at 224 px, Adam 1e-3, loss-triggered decay
-    'book': dict(model='ResNet34', image_size=224, batch_size=32, max_epoch=10),
-}
 
 
 def run(recipe='cpu', data=DATA, minutes=None, **overrides):
     options = dict(num_workers=2, vis=False, checkpoint_dir=f'/tmp/tta_{recipe}',
                    debug_file='/nonexistent', train_data_root=data)
-    options.update(RECIPES[recipe], **overrides)
+    options.update(recipe=recipe, **overrides)
     start = time.time()
     cap = threading.Timer(minutes * 60, os.kill, (os.getpid(), signal.SIGTERM)) if minutes else None
     if cap:
         cap.start()
     try:
-        history = main.train(**options)['history']
+        history = main.train(**options).history
     except SystemExit:  # the cap: evaluate what the run saved
         return report_capped(recipe, options, start)
     finally:
@@ -62,7 +52,8 @@ def run(recipe='cpu', data=DATA, minutes=None, **overrides):
 
 def report_capped(recipe, options, start):
     stopped = (time.time() - start) / 60
-    last = os.path.join(options['checkpoint_dir'], f'{options["model"]}_last.pth')
+    model = config.parse(options, verbose=False).model
+    last = os.path.join(options['checkpoint_dir'], f'{model}_last.pth')
     meter = main.val(**dict(options, load_model_path=last))
     print(f'| {recipe}, stopped at the cap (see {last}) | {" | ".join(["-"] * len(THRESHOLDS))} | '
           f'{meter.accuracy_cm:.2f} | {meter.log_loss:.3f} | {stopped:.1f} |')

@@ -19,7 +19,10 @@ import warnings
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import main  # noqa: E402
+import config  # noqa: E402
+from engine import builder  # noqa: E402
+from engine.loop import fit  # noqa: E402
+from utils.interrupt import GracefulStop  # noqa: E402
 from data.synthetic import make_labelled_images  # noqa: E402
 from utils import visdom_server  # noqa: E402
 
@@ -30,23 +33,18 @@ def free_port():
         return s.getsockname()[1]
 
 
-def timed_training(options):
+def timed_training(options, freeze_server=None):
+    """Seconds to build and train; with `freeze_server` (a Visdom server process) the
+    server hangs right after the Visualizer found it up."""
     started = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')  # the no-server warning, once per run
-        main.train(**options)
+        run = builder.for_training(config.parse(options, verbose=False))
+        if freeze_server is not None:
+            freeze_server.send_signal(signal.SIGSTOP)
+        with GracefulStop() as stop:
+            fit(run, stop)
     return time.perf_counter() - started
-
-
-def hang_after(make_visualizer, server, hang):
-    """make_visualizer, then (when `hang`) freeze the server: it dies mid-run for the
-    Visualizer, which found it up."""
-    def make(opt):
-        vis = make_visualizer(opt)
-        if hang:
-            server.send_signal(signal.SIGSTOP)
-        return vis
-    return make
 
 
 def short_training(tmp, images, epochs):
@@ -69,19 +67,17 @@ def main_(args):
         'hung server': dict(vis=True, vis_port=port),
     }
     times = {mode: [] for mode in modes}
-    make_visualizer = main.make_visualizer
     try:
         timed_training(dict(base, vis=False, checkpoint_dir=os.path.join(tmp, 'warmup')))
         for repeat in range(args.repeats):
             for mode, extra in modes.items():  # interleaved, so drift hits every mode alike
                 options = dict(base, checkpoint_dir=os.path.join(tmp, f'{repeat}{len(times[mode])}'),
                                **extra)
-                main.make_visualizer = hang_after(make_visualizer, server, mode == 'hung server')
                 try:
-                    times[mode].append(timed_training(options))
+                    times[mode].append(timed_training(
+                        options, server if mode == 'hung server' else None))
                 finally:
                     server.send_signal(signal.SIGCONT)
-                    main.make_visualizer = make_visualizer
     finally:
         visdom_server.stop(server)
     reference = statistics.median(times['vis=False'])

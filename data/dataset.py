@@ -11,7 +11,9 @@ import os
 import re
 import signal
 import warnings
-from collections import namedtuple
+from collections import defaultdict, namedtuple
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 
 import numpy as np
 import torch
@@ -24,6 +26,11 @@ from utils.errors import UserError
 
 CLASSES = ('cat', 'dog')  # label 0 = cat, 1 = dog
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp', '.tif', '.tiff')
+# The only decoders PIL may use, whatever a file's name says: a PostScript file named
+# cat.1.jpg must not reach Ghostscript, nor a DDS one a decoder that raises
+# NotImplementedError.
+IMAGE_FORMATS = ('JPEG', 'PNG', 'BMP', 'GIF', 'WEBP', 'TIFF')
+INT64_MAX = 2 ** 63 - 1  # test ids end up in a torch int64 tensor
 LABELLED_NAME = re.compile(r'^(cat|dog)\.\d+\.[A-Za-z]+$', re.IGNORECASE)
 TEST_NAME = re.compile(r'^(\d+)\.[A-Za-z]+$')
 
@@ -53,15 +60,8 @@ def visible_files(root):
 def list_labelled_images(root):
     """[(path, label)] for the Kaggle train layout or the cat/ dog/ folder layout."""
     names = visible_files(root)
-    class_dirs = [c for c in CLASSES if os.path.isdir(os.path.join(root, c))]
-    if class_dirs:
-        samples = []
-        for label, name in enumerate(CLASSES):
-            folder = os.path.join(root, name)
-            if os.path.isdir(folder):
-                samples += [(os.path.join(folder, f), label) for f in visible_files(folder)
-                            if f.lower().endswith(IMAGE_EXTENSIONS)]
-        return samples
+    if any(os.path.isdir(os.path.join(root, c)) for c in CLASSES):
+        return list_class_folders(root, names)
     bad = [n for n in names if not LABELLED_NAME.match(n)]
     if bad:
         raise DataError(
@@ -72,6 +72,38 @@ def list_labelled_images(root):
     return [(os.path.join(root, n), CLASSES.index(n.split('.')[0].lower())) for n in names]
 
 
+def list_class_folders(root, names):
+    """[(path, label)] from root/cat/ and root/dog/, with one warning listing what else
+    is there: a bird/ folder or a cat/persian/ subfolder is not silently left out."""
+    samples, ignored = [], []  # ignored: (name, why), folder names ending in /
+    for n in names:
+        if not os.path.isdir(os.path.join(root, n)):
+            ignored.append((n, 'not in cat/ or dog/'))
+        elif n not in CLASSES:
+            ignored.append((f'{n}/', 'not cat/ or dog/'))
+    for label, name in enumerate(CLASSES):
+        folder = os.path.join(root, name)
+        if not os.path.isdir(folder):
+            continue
+        for f in visible_files(folder):
+            path = os.path.join(folder, f)
+            if os.path.isdir(path):
+                ignored.append((f'{name}/{f}/', f'a folder inside {name}/: not searched'))
+            elif not f.lower().endswith(IMAGE_EXTENSIONS):
+                ignored.append((f'{name}/{f}', 'not an image file name'))
+            else:
+                samples.append((path, label))
+    if ignored:
+        folders = sum(n.endswith('/') for n, _ in ignored)
+        listed = ', '.join(f'{n} ({why})' for n, why in ignored[:8])
+        listed += ' ...' if len(ignored) > 8 else ''
+        warnings.warn(f'ignored {len(ignored)} entries in {root} ({folders} folder(s), '
+                      f'{len(ignored) - folders} file(s)): {listed}. '
+                      f'Only image files ({" ".join(IMAGE_EXTENSIONS)}) directly in cat/ and '
+                      f'dog/ are read.')
+    return samples
+
+
 def list_test_images(root):
     """[(path, id)] for the Kaggle test1 layout, sorted by the numeric id."""
     names = visible_files(root)
@@ -80,8 +112,20 @@ def list_test_images(root):
         raise DataError(f'{len(bad)} file(s) in {root!r} are not named like N.jpg '
                         f'(N = the Kaggle image id): {", ".join(bad[:5])}'
                         f'{" ..." if len(bad) > 5 else ""}. Rename or remove them.')
-    samples = [(os.path.join(root, n), int(TEST_NAME.match(n).group(1))) for n in names]
-    return sorted(samples, key=lambda s: s[1])
+    by_id = defaultdict(list)
+    for n in names:
+        by_id[int(TEST_NAME.match(n).group(1))].append(n)
+    too_big = sorted(n for image_id, group in by_id.items() if image_id > INT64_MAX for n in group)
+    if too_big:
+        raise DataError(f'{", ".join(too_big[:5])} in {root!r}: the id does not fit in a 64-bit '
+                        f'integer (at most {INT64_MAX}). Rename the file(s).')
+    clashes = [group for group in by_id.values() if len(group) > 1]
+    if clashes:
+        raise DataError(f'{len(clashes)} id(s) in {root!r} belong to more than one file: '
+                        f'{"; ".join(", ".join(group) for group in clashes[:5])}'
+                        f'{" ..." if len(clashes) > 5 else ""}. result.csv needs one row per id: '
+                        f'rename or remove the extra files.')
+    return [(os.path.join(root, group[0]), image_id) for image_id, group in sorted(by_id.items())]
 
 
 def split_train_val(samples, val_ratio, seed):
@@ -128,16 +172,45 @@ def preload_size(image_size):
     return (image_size * 9 + 7) // 8
 
 
-def decode_small(job):
-    """(path, size) -> uint8 CHW tensor, resized and centre-cropped to size, or Skipped."""
+def decode_array(job):
+    """(path, size) -> uint8 CHW numpy array, resized and centre-cropped to size, or
+    Skipped. Plain numpy, not a torch tensor: it leaves a decoding process by pickle,
+    where a tensor would travel as a shared-memory file descriptor (and did fail with
+    "received 0 items of ancdata")."""
     path, size = job
-    try:
-        img = load_rgb(path)
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-        return Skipped(path, f'{type(exc).__name__}: {exc}')
+    img = load_or_skip(path)
+    if isinstance(img, Skipped):
+        return img
     img = T.functional.center_crop(T.functional.resize(img, size), size)
     # HWC -> CHW in numpy: a parallel torch op in a forked worker can deadlock in OpenMP
-    return torch.from_numpy(np.ascontiguousarray(np.asarray(img).transpose(2, 0, 1)))
+    return np.ascontiguousarray(np.asarray(img).transpose(2, 0, 1))
+
+
+def as_tensor(decoded):
+    return decoded if isinstance(decoded, Skipped) else torch.from_numpy(decoded)
+
+
+def decode_small(job):
+    """(path, size) -> uint8 CHW tensor, resized and centre-cropped to size, or Skipped."""
+    return as_tensor(decode_array(job))
+
+
+def decode_in_processes(jobs, processes):
+    """decode_array over jobs in forked processes, in order. A process that dies (killed,
+    out of memory, SIGTERM) breaks the pool and that is an error at once: a
+    multiprocessing.Pool would start a new process and wait forever for the lost work."""
+    pool = ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context('fork'),
+                               initializer=init_decoder)
+    try:
+        return list(pool.map(decode_array, jobs, chunksize=64))
+    except BrokenProcessPool as exc:
+        raise DataError('decoding the images for --preload stopped: a decoding process died '
+                        '(killed by a signal, or out of memory). Run again with '
+                        '--num_workers=0 and without --preload (--preload=False): images are '
+                        'then decoded as batches need them, in this process.') from exc
+    finally:
+        # after an error or a second Ctrl-C, drop the queued work instead of finishing it
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def init_decoder():
@@ -149,12 +222,44 @@ def init_decoder():
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
+def load_or_skip(path):
+    """load_rgb, or a Skipped record saying why not. Any error counts: a damaged file
+    can make a decoder raise anything (NotImplementedError, struct.error, ...) and one
+    file must not stop a run. Running out of memory is no file's fault: that propagates."""
+    try:
+        return load_rgb(path)
+    except MemoryError:
+        raise
+    except Exception as exc:
+        return Skipped(path, f'{type(exc).__name__}: {exc}')
+
+
 def load_rgb(path):
-    """Open any image PIL reads (grayscale, RGBA, palette, CMYK, ...) as RGB."""
-    with Image.open(path) as img:
+    """Open any image PIL reads (grayscale, RGBA, palette, CMYK, 16-bit, float, ...) as
+    RGB, with only the decoders in IMAGE_FORMATS."""
+    with Image.open(path, formats=IMAGE_FORMATS) as img:
         if img.mode == 'P':  # palette images may carry transparency: go through RGBA
             img = img.convert('RGBA')
+        elif img.mode.startswith('I') or img.mode == 'F':
+            img = to_8bit_grey(img)
         return img.convert('RGB')
+
+
+def to_8bit_grey(img):
+    """A 16-bit, 32-bit integer or float grey image as mode L, scaled by its range:
+    PIL's own convert clips the values to 0..255, so 16-bit images came out white and
+    float ones in [0, 1] black."""
+    values = np.nan_to_num(np.asarray(img, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+    if img.mode.startswith('I;16'):
+        scaled = values / 257  # 65535 -> 255
+    elif img.mode == 'F' and values.min() >= 0 and values.max() <= 1:
+        scaled = values * 255
+    else:
+        # 32-bit integers and floats beyond [0, 1] have no agreed white level (a 32-bit
+        # TIFF often holds 12- or 16-bit data): stretch the image's own min..max
+        low, high = values.min(), values.max()
+        scaled = (values - low) * (255 / (high - low) if high > low else 0)
+    return Image.fromarray(np.round(scaled).astype(np.uint8))
 
 
 class DogCat(data.Dataset):
@@ -189,8 +294,7 @@ class DogCat(data.Dataset):
         ranks_here = int(os.environ.get('LOCAL_WORLD_SIZE', 1))
         processes = max(num_workers, len(os.sched_getaffinity(0)) // ranks_here)
         if processes > 1:
-            with multiprocessing.get_context('fork').Pool(processes, initializer=init_decoder) as pool:
-                return pool.map(decode_small, jobs, chunksize=64)
+            return [as_tensor(decoded) for decoded in decode_in_processes(jobs, processes)]
         return [decode_small(job) for job in jobs]
 
     def __getitem__(self, index):
@@ -199,11 +303,8 @@ class DogCat(data.Dataset):
         if self.cache is not None:
             image = self.cache[index]
             return image if isinstance(image, Skipped) else (self.transforms(image), target)
-        try:
-            img = load_rgb(path)
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-            return Skipped(path, f'{type(exc).__name__}: {exc}')
-        return self.transforms(img), target
+        img = load_or_skip(path)
+        return img if isinstance(img, Skipped) else (self.transforms(img), target)
 
     def __len__(self):
         return len(self.samples)

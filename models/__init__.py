@@ -1,5 +1,5 @@
 from .alexnet import AlexNet
-from .basic_module import BasicModule
+from .basic_module import BasicModule, pytorch_default_init
 from .efficientnet_lite0 import EfficientNetLite0
 from .mobilenet_v2 import MobileNetV2
 from .resnet18 import ResNet18
@@ -16,9 +16,10 @@ PRETRAINED = {'SqueezeNet': SqueezeNet, 'ResNet18': ResNet18,
               'EfficientNetLite0': EfficientNetLite0}
 
 
-def build_model(name, pretrained=True, num_classes=2, weights=None, freeze=False):
+def build_model(name, pretrained=True, num_classes=2, weights=None, freeze=False, init='kaiming'):
     """The model class called `name`. `pretrained` and `weights` (a local ImageNet state
-    dict) apply to the ImageNet models; `freeze` trains only their classifier."""
+    dict) apply to the ImageNet models; `freeze` trains only their classifier; `init`
+    ('kaiming' or 'pytorch') initialises a model trained from scratch."""
     if name in FROM_SCRATCH:
         if weights:
             raise UserError(f'--weights is for the pretrained models ({", ".join(PRETRAINED)}); '
@@ -28,4 +29,9 @@ def build_model(name, pretrained=True, num_classes=2, weights=None, freeze=False
         model = PRETRAINED[name](num_classes=num_classes, pretrained=pretrained, weights=weights)
     else:
         raise UserError(f'unknown model {name!r}; choose one of {", ".join({**FROM_SCRATCH, **PRETRAINED})}')
+    if init == 'pytorch':
+        if name in PRETRAINED and pretrained:
+            raise UserError('--init=pytorch is for models trained from scratch: add '
+                            '--pretrained=False, or drop --init')
+        pytorch_default_init(model)
     return model.freeze_backbone() if freeze else model

@@ -1,49 +1,17 @@
 import os
-import pickle
 import time
 import warnings
 
 import torch
 from torch import nn
 
+from utils.checkpoint import CheckpointError, atomic_save, read_checkpoint
 from utils.errors import UserError
 
-
+# The normalisation ImageNet-trained networks expect; the dataset transforms read
+# each model's input_mean/input_std.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-class CheckpointError(UserError):
-    pass
-
-
-def atomic_save(obj, path):
-    """torch.save through a temporary file and a rename: a crash never leaves half a file."""
-    folder = os.path.dirname(path) or '.'
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f'.{os.path.basename(path)}.{os.getpid()}.tmp')
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
-
-
-def read_checkpoint(path):
-    """torch.load with weights_only=True (a .pth is a pickle: never run code from one)."""
-    if not os.path.isfile(path):
-        raise CheckpointError(f'checkpoint {path!r} does not exist; check --load_model_path '
-                              f'(train writes checkpoints/<model>_last.pth and _best.pth)')
-    try:
-        return torch.load(path, map_location='cpu', weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as exc:
-        lines = [l.strip() for l in str(exc).splitlines() if l.strip()] or [type(exc).__name__]
-        # torch's weights_only refusal is long: keep its one informative line
-        first_line = next((l for l in lines if 'Unsupported global' in l), lines[0])
-        raise CheckpointError(f'{path!r} is not a readable checkpoint (truncated, corrupt, or '
-                              f'not made by torch.save of tensors): {first_line}') from None
 
 
 def load_state_dict_checked(module, state_dict, source, name):
@@ -86,6 +54,14 @@ def kaiming_init(module):
             # and no class is favoured before training.
             nn.init.normal_(m.weight, 0, 0.01)
             nn.init.zeros_(m.bias)
+
+
+def pytorch_default_init(module):
+    """Every layer re-initialised by its own reset_parameters(): PyTorch's defaults, the
+    initialisation the write-up's stuck-at-50% runs started from."""
+    for m in module.modules():
+        if m is not module and hasattr(m, 'reset_parameters'):
+            m.reset_parameters()
 
 
 class BasicModule(nn.Module):

@@ -3,12 +3,13 @@ import sys
 
 import pytest
 
+import config
 from config import ConfigError, DefaultConfig, option_help, option_names
 from conftest import ROOT
 
 
 def test_overrides_are_applied_and_typed():
-    opt = DefaultConfig()._parse({'lr': 1, 'max-epoch': 3, 'env': 123, 'vis': 'False'}, verbose=False)
+    opt = config.parse({'lr': 1, 'max-epoch': 3, 'env': 123, 'vis': 'False'}, verbose=False)
     assert opt.lr == 1.0 and isinstance(opt.lr, float)
     assert opt.max_epoch == 3
     assert opt.env == '123'
@@ -16,23 +17,23 @@ def test_overrides_are_applied_and_typed():
 
 
 def test_instances_do_not_share_overrides():
-    DefaultConfig()._parse({'lr': 0.5}, verbose=False)
+    config.parse({'lr': 0.5}, verbose=False)
     assert DefaultConfig().lr == DefaultConfig.lr
 
 
 def test_unknown_option_suggests_the_closest():
     with pytest.raises(ConfigError, match='unknown option lrr; did you mean lr?'):
-        DefaultConfig()._parse({'lrr': 1}, verbose=False)
+        config.parse({'lrr': 1}, verbose=False)
     # the book README's own misspellings are caught, not silently ignored
     with pytest.raises(ConfigError, match='unknown option load_path; did you mean load_model_path?'):
-        DefaultConfig()._parse({'load-path': 'x.pth'}, verbose=False)
+        config.parse({'load-path': 'x.pth'}, verbose=False)
 
 
 @pytest.mark.parametrize('key,value', [('batch_size', 'many'), ('lr', 'fast'), ('vis', 'maybe'),
                                         ('max_epoch', 2.5)])
 def test_wrong_type_names_the_option(key, value):
     with pytest.raises(ConfigError, match=f'option {key} expects'):
-        DefaultConfig()._parse({key: value}, verbose=False)
+        config.parse({key: value}, verbose=False)
 
 
 def test_every_option_has_help():

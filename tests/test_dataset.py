@@ -122,3 +122,52 @@ def test_train_transforms_normalise_with_imagenet_statistics(striped_data):
     batch = torch.stack([dataset[i][0] for i in range(len(dataset))])
     assert batch.min() < -0.5 and batch.max() > 0.5  # not raw 0-255, not plain [0, 1]
     assert abs(float(batch.mean())) < 1.0 and np.isfinite(batch.numpy()).all()
+
+
+def test_folder_layout_warns_once_about_what_it_leaves_out(tmp_path):
+    make_labelled_images(str(tmp_path), 2, size=16, layout='folders')
+    (tmp_path / 'bird').mkdir()
+    (tmp_path / 'bird' / '0.jpg').write_bytes((tmp_path / 'cat' / '0.jpg').read_bytes())
+    (tmp_path / 'cat' / 'persian').mkdir()
+    (tmp_path / 'cat' / 'persian' / '0.jpg').write_bytes((tmp_path / 'cat' / '0.jpg').read_bytes())
+    (tmp_path / 'notes.txt').write_text('where the photos came from')
+    (tmp_path / 'dog' / 'Thumbs.db').write_bytes(b'\0')
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        samples = list_labelled_images(str(tmp_path))
+    assert len(samples) == 4 and all(p.endswith('.jpg') and 'persian' not in p for p, _ in samples)
+    assert len(caught) == 1
+    message = str(caught[0].message)
+    assert message.startswith(f'ignored 4 entries in {tmp_path} (2 folder(s), 2 file(s)): ')
+    for entry in ('bird/ (not cat/ or dog/)', 'notes.txt (not in cat/ or dog/)',
+                  'cat/persian/ (a folder inside cat/: not searched)',
+                  'dog/Thumbs.db (not an image file name)'):
+        assert entry in message
+
+
+def test_a_clean_folder_layout_warns_nothing(tmp_path):
+    make_labelled_images(str(tmp_path), 2, size=16, layout='folders')
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        assert len(list_labelled_images(str(tmp_path))) == 4
+
+
+def test_test_images_sharing_an_id_are_an_error_naming_them(tmp_path):
+    make_test_images(str(tmp_path), 3, size=16)
+    (tmp_path / '01.jpg').write_bytes((tmp_path / '1.jpg').read_bytes())
+    (tmp_path / '1.png').write_bytes((tmp_path / '1.jpg').read_bytes())
+    with pytest.raises(DataError, match=r'1 id\(s\) .* more than one file: 01.jpg, 1.jpg, 1.png\. '
+                                        r'result.csv needs one row per id'):
+        DogCat(str(tmp_path), mode='test', image_size=16)
+
+
+def test_a_test_id_too_big_for_int64_is_an_error_naming_the_file(tmp_path):
+    make_test_images(str(tmp_path), 2, size=16)
+    (tmp_path / '99999999999999999999.jpg').write_bytes((tmp_path / '1.jpg').read_bytes())
+    with pytest.raises(DataError, match='99999999999999999999.jpg in .*does not fit in a 64-bit'):
+        DogCat(str(tmp_path), mode='test', image_size=16)
+    # the largest id that fits still loads, and still fits a batch's id tensor
+    os.rename(tmp_path / '99999999999999999999.jpg', tmp_path / f'{2 ** 63 - 1}.jpg')
+    dataset = DogCat(str(tmp_path), mode='test', image_size=16)
+    ids = [batch[1] for batch in build_loader(dataset, batch_size=4, shuffle=False, num_workers=0)]
+    assert ids[0].tolist() == [1, 2, 2 ** 63 - 1]

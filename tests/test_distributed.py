@@ -40,7 +40,7 @@ def test_two_processes_train_and_test_like_one(fast_options, tmp_path):
 
     single = main.train(**dict(options, checkpoint_dir=str(tmp_path / 'one')))
     ddp_best = checkpoint['best_val_acc']
-    assert abs(ddp_best - single['best_val_acc']) <= 25.0
+    assert abs(ddp_best - single.best_val_acc) <= 25.0
     assert ddp_best >= 75.0
 
     run(['test'] + [f'--{k}={v}' for k, v in options.items()])

@@ -10,26 +10,28 @@ from torchvision import transforms as T
 from torchvision.models import resnet18
 
 import main
+from engine import builder
+from engine.report import collapse_warning
+from doctor.training_checks import analyse_range
 import models.small_resnet
-from config import DefaultConfig
+import config
 from data.dataset import build_loader
 from models import SmallResNet
-from utils import doctor
+import doctor
 from utils.meters import ClassificationMeter
 
 CHEAP = ('shuffling', 'gradient flow', 'normalisation', 'labels', 'logits', 'initialisation')
 
 
 def make_setup(options, **overrides):
-    opt = DefaultConfig()._parse(dict(options, **overrides), verbose=False)
-    return doctor.build_setup(opt, main.load_datasets, main.train_one_epoch)
+    """The run train would build from these options, as the doctor examines it."""
+    return doctor.examine(config.parse(dict(options, **overrides), verbose=False))
 
 
 def with_model(setup, model):
-    """The setup with another model and, as train would build it, its optimizer."""
-    opt = setup.opt
+    """The run with another model and, as train would build it, its optimizer."""
     setup.model = model
-    setup.optimizer = model.get_optimizer(opt.lr, opt.weight_decay, opt.optimizer, opt.momentum)
+    setup.optimizer = builder.optimizer(setup.opt, model)
     return setup
 
 
@@ -105,12 +107,12 @@ def test_parameter_missing_from_the_optimizer_fails_gradient_flow(fast_options):
 def test_step_without_backward_fails_gradient_flow(fast_options):
     setup = make_setup(fast_options)
 
-    def step_forgetting_backward(model, optimizer, criterion, images, targets):
-        model.train()
-        loss = criterion(model(images), targets)
+    def step_forgetting_backward(model, optimizer, criterion, images, targets, placement):
+        scores = placement.forward(model, images)
+        loss = criterion(scores, targets)
         optimizer.zero_grad()
         optimizer.step()
-        return loss.item()
+        return scores, loss.item()
 
     setup.step = step_forgetting_backward
     result = doctor.run_checks(setup, only=['gradient flow'])[0]
@@ -266,13 +268,13 @@ def test_lr_range_analysis_on_a_known_curve():
     lrs = [10 ** (-5 + i / 4) for i in range(20)]
     # flat, falling from 1e-4 (index 4) to its lowest at index 11, then rising
     falling = [0.69] * 4 + [0.69 - 0.05 * i for i in range(1, 9)]
-    suggested, band = doctor.analyse_range(lrs, falling + [0.3 + 0.1 * i for i in range(8)])
+    suggested, band = analyse_range(lrs, falling + [0.3 + 0.1 * i for i in range(8)])
     assert suggested == pytest.approx(lrs[11] / 10)
     assert band == pytest.approx((lrs[4] / 10, 3 * lrs[11]))
     # back above the start right after the minimum: the band stops at the minimum
-    _, band = doctor.analyse_range(lrs, falling + [0.7] * 8)
+    _, band = analyse_range(lrs, falling + [0.7] * 8)
     assert band[1] == pytest.approx(lrs[11])
-    assert doctor.analyse_range(lrs, [0.69] * 20) == (None, None)
+    assert analyse_range(lrs, [0.69] * 20) == (None, None)
 
 
 # The collapse alarm -----------------------------------------------------------------
@@ -281,18 +283,18 @@ def meter_from(predictions, labels):
     meter = ClassificationMeter()
     scores = nn.functional.one_hot(torch.tensor(predictions), 2).float()
     meter.add(scores, torch.tensor(labels))
-    return meter
+    return meter.cm
 
 
 def test_collapse_warning_symptoms():
     balanced = [0, 1] * 50
-    assert doctor.collapse_warning([0.5], meter_from([1] * 100, balanced)) is not None
-    assert doctor.collapse_warning([0.5], meter_from([1] * 97 + [0] * 3, balanced)) is not None
-    assert doctor.collapse_warning([0.6932, 0.6901], meter_from(balanced, balanced)) is not None
-    assert doctor.collapse_warning([0.6932], meter_from(balanced, balanced)) is None  # one epoch
-    assert doctor.collapse_warning([0.69, 0.62], meter_from(balanced, balanced)) is None
+    assert collapse_warning([0.5], meter_from([1] * 100, balanced)) is not None
+    assert collapse_warning([0.5], meter_from([1] * 97 + [0] * 3, balanced)) is not None
+    assert collapse_warning([0.6932, 0.6901], meter_from(balanced, balanced)) is not None
+    assert collapse_warning([0.6932], meter_from(balanced, balanced)) is None  # one epoch
+    assert collapse_warning([0.69, 0.62], meter_from(balanced, balanced)) is None
     # one predicted class is right when the labels are all one class
-    assert doctor.collapse_warning([0.3], meter_from([1] * 100, [1] * 100)) is None
+    assert collapse_warning([0.3], meter_from([1] * 100, [1] * 100)) is None
 
 
 def test_collapsed_training_run_raises_the_alarm(fast_options, monkeypatch, capsys):

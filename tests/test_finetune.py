@@ -7,9 +7,13 @@ import pytest
 import torch
 import torchvision
 
+import config
+import engine.loop
 import main
+from engine import builder
+from engine.schedules import DecayWhenLossRises
 from models import build_model
-from models.basic_module import CheckpointError
+from utils.checkpoint import CheckpointError
 from models.efficientnet_lite0 import EfficientNetLite0, packaged_weights_path, timm_key
 from utils.errors import UserError
 
@@ -168,7 +172,9 @@ def test_per_group_learning_rates_move_the_right_parameters():
     assert model.backbone.features[0][0].weight.grad.abs().max() > 0
 
     # the loss-triggered decay scales every group, keeping their ratio
-    assert main.decay_lr_if_loss_rose(optimizer, loss=1.0, previous_loss=0.5, lr_decay=0.5)
+    scheduler = DecayWhenLossRises(optimizer, 0.5)
+    scheduler.step(0.5)
+    scheduler.step(1.0)
     assert [g['lr'] for g in optimizer.param_groups] == [5e-6, 5e-3]
 
 
@@ -186,8 +192,7 @@ def test_frozen_backbone_features_are_cached_only_without_random_transforms(fast
     assert 'feature cache: backbone features of 56 training and 24 validation images' \
            in capsys.readouterr().out
     # the same run without the cache (its hook made a no-op) trains the same head
-    monkeypatch.setattr(main, 'use_cached_features',
-                        lambda model, train, val, opt, skipped: (model, train, val))
+    monkeypatch.setattr(engine.loop, 'use_cached_features', lambda run: run.model)
     main.train(**dict(options, augment=False, checkpoint_dir=plain_dir))
     cached = torch.load(os.path.join(cached_dir, 'MobileNetV2_last.pth'), weights_only=True)
     plain = torch.load(os.path.join(plain_dir, 'MobileNetV2_last.pth'), weights_only=True)
@@ -249,19 +254,19 @@ def test_efficientnet_fine_tunes_to_90_percent_on_shared_images(shared_train, tm
                         optimizer='adam', lr=1e-3, num_workers=0, vis=False,
                         checkpoint_dir=str(tmp_path / 'checkpoints'),
                         debug_file=str(tmp_path / 'no_debug'))
-    assert result['best_val_acc'] >= 90.0
+    assert result.best_val_acc >= 90.0
     # the best checkpoint is the whole network: val reproduces its accuracy
     meter = main.val(train_data_root=folder, model='EfficientNetLite0', image_size=128,
                      num_workers=0, vis=False, checkpoint_dir=str(tmp_path / 'checkpoints'))
-    assert meter.accuracy_cm == pytest.approx(result['best_val_acc'])
+    assert meter.accuracy_cm == pytest.approx(result.best_val_acc)
 
 
 def test_learning_rate_options_are_checked():
-    from config import ConfigError, DefaultConfig
-    opt = DefaultConfig()._parse({'backbone_lr': 1e-5, 'classifier-lr': 0.01}, verbose=False)
+    from config import ConfigError
+    opt = config.parse({'backbone_lr': 1e-5, 'classifier-lr': 0.01}, verbose=False)
     assert (opt.backbone_lr, opt.classifier_lr) == (1e-5, 0.01)
     with pytest.raises(ConfigError, match="--classifier_lr must be a learning rate >= 0.*'fast'"):
-        DefaultConfig()._parse({'classifier_lr': 'fast'}, verbose=False)
+        config.parse({'classifier_lr': 'fast'}, verbose=False)
 
 
 def test_kaiming_init_scales_depthwise_convs_by_their_own_fan_out():
@@ -287,22 +292,20 @@ def test_the_cache_skips_an_unreadable_image_like_the_plain_loader(fast_options,
                                    pretrained=False, freeze=True, augment=False, max_epoch=2))
     assert 'feature cache: backbone features of' in capsys.readouterr().out
     # dog.3.jpg falls in the validation split: 23 of its 24 images are counted
-    assert sum(map(sum, result['history'][-1]['val_cm'])) == 23
+    assert sum(map(sum, result.history[-1]['val_cm'])) == 23
 
 
 def test_bf16_feature_cache_stores_fp32_features_close_to_the_fp32_ones(fast_options):
-    from config import DefaultConfig
     from data.dataset import SkippedFiles, build_loader
-    from utils.feature_cache import compute_features
+    from engine.feature_cache import compute_features
     caches = {}
     for bf16 in (False, True):
-        opt = DefaultConfig()._parse(dict(fast_options, model='MobileNetV2', pretrained=False,
-                                          bf16=bf16, image_size=32), verbose=False)
+        opt = config.parse(dict(fast_options, model='MobileNetV2', pretrained=False, freeze=True,
+                                bf16=bf16, image_size=32), verbose=False)
         torch.manual_seed(0)
-        model = main.to_device(build_model('MobileNetV2', pretrained=False, freeze=True), opt)
-        _, val_data = main.load_datasets(opt, model)
-        loader = build_loader(val_data, 8, False, 0, False)
-        caches[bf16] = compute_features(model, loader, opt, SkippedFiles()).features
+        run = builder.for_training(opt, vis=False)
+        loader = build_loader(run.val_data, 8, False, 0, False)
+        caches[bf16] = compute_features(run.model, loader, run.placement, SkippedFiles()).features
     assert caches[True].dtype == torch.float32 and caches[True].shape == caches[False].shape
     error = (caches[True] - caches[False]).norm() / caches[False].norm()
     assert 0 < error < 0.05  # bf16 really ran, and stayed close

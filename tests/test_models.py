@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from models import FROM_SCRATCH, PRETRAINED, ResNet34, SmallResNet, build_model
-from models.basic_module import CheckpointError
+from utils.checkpoint import CheckpointError
 from utils.errors import UserError
 
 ALL_MODELS = sorted({**FROM_SCRATCH, **PRETRAINED})

@@ -9,13 +9,14 @@ import pytest
 import torch
 
 import main
+from engine.schedules import warmup_cosine_factor
 from data.dataset import DogCat, SkippedFiles, Skipped, build_loader
 from data.synthetic import make_labelled_images
 from models import SmallResNet
 
 
 def test_cosine_schedule_warms_up_then_decays_to_zero():
-    factors = [main.cosine_lr_factor(step, 100) for step in range(100)]
+    factors = [warmup_cosine_factor(step, 100) for step in range(100)]
     assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(factors[9:], factors[10:]))
     assert factors[-1] < 0.001
@@ -84,7 +85,7 @@ def test_the_cpu_recipe_learns(fast_options, capfd):
     # the decoding pool stops its processes with SIGTERM: they must not take it for
     # the training's save-and-exit signal
     assert 'SIGTERM received' not in capfd.readouterr().err
-    history = result['history']
+    history = result.history
     assert max(r['val_acc_cm'] for r in history) >= 90.0
     assert history[-1]['lrs'][0] < 0.1 * 3e-3  # cosine reached the bottom
     assert all(r['lrs'][0] > 0 for r in history)

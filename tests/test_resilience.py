@@ -11,11 +11,13 @@ import torch
 from PIL import Image
 
 import main
+from engine.loop import TrainingDiverged
+from utils.errors import UserError
 from conftest import ROOT
 from data.dataset import DogCat
 from data.synthetic import make_labelled_images
 from models import SmallResNet
-from models.basic_module import CheckpointError
+from utils.checkpoint import CheckpointError
 
 
 def weights(path):
@@ -32,18 +34,17 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(fast_options, tmp_pa
     whole = main.train(**dict(options, checkpoint_dir=str(tmp_path / 'whole')))
     main.train(**dict(options, max_epoch=1, checkpoint_dir=str(tmp_path / 'split')))
     rest = main.train(**dict(options, resume='last', checkpoint_dir=str(tmp_path / 'split')))
-    assert [r['epoch'] for r in rest['history']] == [1, 2]
-    assert rest['epoch'] == whole['epoch'] == 3
-    for a, b in zip(whole['history'][1:], rest['history']):
+    assert [r['epoch'] for r in rest.history] == [1, 2]
+    assert rest.epoch == whole.epoch == 3
+    for a, b in zip(whole.history[1:], rest.history):
         assert a['lrs'] == pytest.approx(b['lrs'])
         assert a['loss'] == pytest.approx(b['loss'], abs=1e-5)
-    assert rest['previous_loss'] == pytest.approx(whole['previous_loss'], abs=1e-5)
     assert_same_weights(weights(tmp_path / 'whole' / 'SmallResNet_last.pth'),
                         weights(tmp_path / 'split' / 'SmallResNet_last.pth'))
 
 
 def test_resume_last_without_a_checkpoint_is_a_clear_error(fast_options):
-    with pytest.raises(main.UserError, match='--resume=last: there is no .*SmallResNet_last.pth'):
+    with pytest.raises(UserError, match='--resume=last: there is no .*SmallResNet_last.pth'):
         main.train(**dict(fast_options, resume='last'))
 
 
@@ -82,10 +83,10 @@ def test_a_signal_saves_a_checkpoint_that_resumes_mid_epoch(fast_options, tmp_pa
     assert 'resume with:' in out and '--resume=' in out
     last = os.path.join(options['checkpoint_dir'], 'SmallResNet_last.pth')
     checkpoint = torch.load(last, weights_only=True)
-    assert checkpoint['epoch'] == 0 and checkpoint['batches_done'] == 1
+    assert checkpoint['epoch'] == 0 and checkpoint['images_done'] == 16
     result = main.train(**dict(options, resume=last))
-    assert [r['epoch'] for r in result['history']] == [0, 1]
-    first = result['history'][0]  # the interrupted epoch trained on each image exactly once
+    assert [r['epoch'] for r in result.history] == [0, 1]
+    first = result.history[0]  # the interrupted epoch trained on each image exactly once
     assert sum(map(sum, first['train_cm'])) == 56 and sum(map(sum, first['val_cm'])) == 24
     assert torch.load(last, weights_only=True)['epoch'] == 2
 
@@ -100,14 +101,14 @@ def test_sigkill_loses_at_most_the_current_epoch(fast_options):
     done = torch.load(last, weights_only=True)['epoch']
     assert 1 <= done < 20  # whole and loadable, at most the running epoch lost
     result = main.train(**dict(fast_options, max_epoch=done + 1, resume='last'))
-    assert [r['epoch'] for r in result['history']] == [done]
+    assert [r['epoch'] for r in result.history] == [done]
 
 
 def test_a_diverging_run_stops_and_keeps_the_last_good_checkpoint(fast_options):
     main.train(**fast_options)
     last = os.path.join(fast_options['checkpoint_dir'], 'SmallResNet_last.pth')
     good = weights(last)
-    with pytest.raises(main.TrainingDiverged, match=r'loss became (nan|inf).*epoch 0, batch \d+.*lr'):
+    with pytest.raises(TrainingDiverged, match=r'loss became (nan|inf).*epoch 0, image \d+.*lr'):
         main.train(**dict(fast_options, load_model_path=last, optimizer='sgd', lr=1e12,
                           momentum=0.0))
     assert_same_weights(good, weights(last))
@@ -170,7 +171,7 @@ def test_hostile_images_are_read_or_skipped_by_name(tmp_path, monkeypatch):
 def test_an_empty_test_folder_is_a_clear_error(fast_options, tmp_path):
     main.train(**fast_options)
     (tmp_path / 'empty').mkdir()
-    with pytest.raises(main.UserError, match='empty.*is empty'):
+    with pytest.raises(UserError, match='empty.*is empty'):
         main.test(**dict(fast_options, test_data_root=str(tmp_path / 'empty')))
 
 

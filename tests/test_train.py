@@ -1,4 +1,5 @@
 import csv
+import io
 import math
 import os
 import sys
@@ -6,17 +7,23 @@ import sys
 import pytest
 import torch
 
+import config
 import main
+from engine import builder
+from engine.loop import fit, train_step
+from engine.schedules import DecayWhenLossRises
+from utils.errors import UserError
+from utils.interrupt import GracefulStop
 from models import SmallResNet
 
 
 def test_a_from_scratch_model_learns_the_generated_classes(fast_options):
     result = main.train(**dict(fast_options, max_epoch=10, batch_size=8, lr=2e-3))
-    best = max(result['history'], key=lambda r: r['val_acc_cm'])  # the _best checkpoint
-    assert best['val_acc_cm'] >= 90.0 and result['best_val_acc'] == best['val_acc_cm']
+    best = max(result.history, key=lambda r: r['val_acc_cm'])  # the _best checkpoint
+    assert best['val_acc_cm'] >= 90.0 and result.best_val_acc == best['val_acc_cm']
     assert best['val_cm'][0][0] > 0 and best['val_cm'][1][1] > 0  # both classes predicted
-    assert result['history'][-1]['loss'] < result['history'][0]['loss']
-    for record in result['history']:  # two ways of counting, same predictions
+    assert result.history[-1]['loss'] < result.history[0]['loss']
+    for record in result.history:  # two ways of counting, same predictions
         assert record['train_acc_cm'] == pytest.approx(record['train_acc_count'])
         assert record['val_acc_cm'] == pytest.approx(record['val_acc_count'])
     assert os.path.isfile(os.path.join(fast_options['checkpoint_dir'], 'SmallResNet_last.pth'))
@@ -43,12 +50,12 @@ def test_bf16_autocast_learns_and_evaluates_like_fp32(fast_options):
     """--bf16 (autocast) trains to the same bar; evaluating the checkpoint in bf16 gives
     the fp32 predictions up to rounding."""
     result = main.train(**dict(fast_options, max_epoch=10, batch_size=8, lr=2e-3, bf16=True))
-    assert max(r['val_acc_cm'] for r in result['history']) >= 90.0
-    assert result['history'][-1]['loss'] < result['history'][0]['loss']
+    assert max(r['val_acc_cm'] for r in result.history) >= 90.0
+    assert result.history[-1]['loss'] < result.history[0]['loss']
     checkpoint = torch.load(os.path.join(fast_options['checkpoint_dir'], 'SmallResNet_last.pth'),
                             weights_only=True)
     assert all(v.dtype != torch.bfloat16 for v in checkpoint['state_dict'].values())  # fp32 weights
-    fp32 = main.val(**fast_options)
+    fp32 = main.val(**dict(fast_options, bf16=False))
     bf16 = main.val(**dict(fast_options, bf16=True))
     assert bf16.total == fp32.total == 24
     assert abs(bf16.accuracy_cm - fp32.accuracy_cm) <= 100 / 24 + 1e-6  # one image at most
@@ -57,7 +64,7 @@ def test_bf16_autocast_learns_and_evaluates_like_fp32(fast_options):
 
 def test_compile_trains_and_saves_ordinary_checkpoints(fast_options):
     result = main.train(**dict(fast_options, compile=True, max_epoch=2, batch_size=8, lr=2e-3))
-    assert result['history'][-1]['loss'] < result['history'][0]['loss']
+    assert result.history[-1]['loss'] < result.history[0]['loss']
     checkpoint = torch.load(os.path.join(fast_options['checkpoint_dir'], 'SmallResNet_last.pth'),
                             weights_only=True)
     assert checkpoint['state_dict'].keys() == SmallResNet().state_dict().keys()  # no _orig_mod.
@@ -67,7 +74,7 @@ def test_compile_trains_and_saves_ordinary_checkpoints(fast_options):
 def test_compile_without_a_cpu_compiler_says_what_to_install(fast_options, monkeypatch):
     import utils.device
     monkeypatch.setattr(utils.device.shutil, 'which', lambda name: None)
-    with pytest.raises(main.UserError, match='apt-get install g\\+\\+'):
+    with pytest.raises(UserError, match='apt-get install g\\+\\+'):
         main.train(**dict(fast_options, compile=True))
 
 
@@ -78,39 +85,53 @@ def fast_options_truth(options):
         return make_test_images(tmp, 20, size=48, seed=1)
 
 
+def lrs_of(optimizer):
+    return [group['lr'] for group in optimizer.param_groups]
+
+
 def test_lr_decays_only_when_the_loss_rises():
     model = SmallResNet()
     optimizer = model.get_optimizer(0.01, 0, 'adam')
     model(torch.randn(2, 3, 16, 16)).sum().backward()
     optimizer.step()
     moments = optimizer.state_dict()['state'][0]['exp_avg'].clone()
-    assert not main.decay_lr_if_loss_rose(optimizer, 0.5, 0.6, 0.95)
-    assert main.current_lrs(optimizer) == [0.01]
-    assert main.decay_lr_if_loss_rose(optimizer, 0.61, 0.6, 0.95)
-    assert main.current_lrs(optimizer) == [pytest.approx(0.0095)]
+    scheduler = DecayWhenLossRises(optimizer, 0.95)
+    scheduler.step(0.6)
+    scheduler.step(0.5)
+    assert not scheduler.decayed and lrs_of(optimizer) == [0.01]
+    scheduler.step(0.51)
+    assert scheduler.decayed and lrs_of(optimizer) == [pytest.approx(0.0095)]
     assert torch.equal(optimizer.state_dict()['state'][0]['exp_avg'], moments)  # state kept
+    restored = DecayWhenLossRises(model.get_optimizer(0.01, 0, 'adam'), 0.95)
+    restored.load_state_dict(scheduler.state_dict())
+    assert restored.previous_loss == 0.51  # the rule's memory travels in the checkpoint
 
 
 def test_decay_scales_every_parameter_group():
     model = __import__('models').build_model('ResNet18', pretrained=False)
     optimizer = model.get_optimizer(0.001, 0, 'sgd')
     optimizer.param_groups[1]['lr'] = 0.01
-    main.decay_lr_if_loss_rose(optimizer, 1.0, 0.5, 0.95)
-    assert main.current_lrs(optimizer) == [pytest.approx(0.00095), pytest.approx(0.0095)]
+    scheduler = DecayWhenLossRises(optimizer, 0.95)
+    scheduler.step(0.5)
+    scheduler.step(1.0)
+    assert lrs_of(optimizer) == [pytest.approx(0.00095), pytest.approx(0.0095)]
 
 
-def test_training_decays_lr_in_the_loop(fast_options, monkeypatch):
-    scripted = iter([0.6, 0.7, 0.65])  # the epoch loss rises at epoch 1, falls at epoch 2
-    real_epoch = main.train_one_epoch
+def test_training_decays_lr_in_the_loop(fast_options):
+    """The real loop with a step (the Run's seam) that reports scripted losses: the
+    epoch loss rises at epoch 1 and falls at epoch 2."""
+    run = builder.for_training(config.parse(dict(fast_options, max_epoch=3, lr=0.001),
+                                            verbose=False))
+    per_epoch = len(run.train_loader)
+    losses = iter([0.6] * per_epoch + [0.7] * per_epoch + [0.65] * per_epoch)
 
-    def epoch_with_scripted_loss(*args, **kwargs):
-        meter = real_epoch(*args, **kwargs)
-        meter.loss.reset()
-        meter.loss.add(next(scripted))
-        return meter
-    monkeypatch.setattr(main, 'train_one_epoch', epoch_with_scripted_loss)
-    result = main.train(**dict(fast_options, max_epoch=3, lr=0.001))
-    lrs = [r['lrs'][0] for r in result['history']]  # lr used during each epoch
+    def scripted_step(*args):
+        scores, _ = train_step(*args)
+        return scores, next(losses)
+    run.step = scripted_step
+    with GracefulStop() as stop:
+        state = fit(run, stop)
+    lrs = [r['lrs'][0] for r in state.history]  # lr used during each epoch
     assert lrs == [pytest.approx(0.001), pytest.approx(0.001), pytest.approx(0.00095)]
 
 
@@ -118,36 +139,52 @@ def test_load_model_path_resumes_epochs_and_optimizer(fast_options):
     main.train(**dict(fast_options, max_epoch=1))
     last = os.path.join(fast_options['checkpoint_dir'], 'SmallResNet_last.pth')
     result = main.train(**dict(fast_options, max_epoch=2, load_model_path=last))
-    assert [r['epoch'] for r in result['history']] == [1]
+    assert [r['epoch'] for r in result.history] == [1]
     checkpoint = torch.load(last, weights_only=True)
     assert checkpoint['epoch'] == 2 and 'optimizer' in checkpoint
 
 
 def test_missing_checkpoint_dir_is_created_and_unwritable_one_fails_fast(fast_options, tmp_path):
-    main.check_writable(str(tmp_path / 'a' / 'b'))
+    builder.check_writable(str(tmp_path / 'a' / 'b'))
     assert (tmp_path / 'a' / 'b').is_dir()
     (tmp_path / 'file').write_text('')
-    with pytest.raises(main.UserError, match='cannot write checkpoints to .*file/sub'):
+    with pytest.raises(UserError, match='cannot write checkpoints to .*file/sub'):
         main.train(**dict(fast_options, checkpoint_dir=str(tmp_path / 'file' / 'sub')))
 
 
 def test_last_batch_of_one_image_is_fine(fast_options):
     # 56 training images with batch 11: the last batch holds one image
     result = main.train(**dict(fast_options, batch_size=11, val_ratio=0.3))
-    assert result['history'][0]['val_cm']
+    assert result.history[0]['val_cm']
 
 
-def test_debug_file_drops_into_the_debugger(fast_options, tmp_path, monkeypatch):
+class Stdin(io.StringIO):
+    def __init__(self, terminal):
+        super().__init__()
+        self.terminal = terminal
+
+    def isatty(self):
+        return self.terminal
+
+
+@pytest.mark.parametrize('terminal', [True, False])
+def test_debug_file_drops_into_the_debugger_only_with_a_terminal(fast_options, monkeypatch,
+                                                                  terminal):
+    """The book's hook, at its default place <checkpoint_dir>/debug: a run without a
+    terminal (cron, nohup, Slurm) is never held by it, nor stopped by bdb.BdbQuit."""
     calls = []
     monkeypatch.setattr(sys, 'breakpointhook', lambda *a, **k: calls.append(1))
-    debug = tmp_path / 'debug'
-    debug.write_text('')
-    main.train(**dict(fast_options, debug_file=str(debug)))
-    assert calls
+    monkeypatch.delenv('PYTHONBREAKPOINT', raising=False)
+    monkeypatch.setattr(sys, 'stdin', Stdin(terminal))
+    options = {k: v for k, v in fast_options.items() if k != 'debug_file'}
+    os.makedirs(options['checkpoint_dir'])
+    open(os.path.join(options['checkpoint_dir'], 'debug'), 'w').close()
+    state = main.train(**options)
+    assert bool(calls) == terminal and state.epoch == 1
 
 
 def test_test_without_any_checkpoint_refuses_random_weights(fast_options):
-    with pytest.raises(main.UserError, match='no checkpoint to evaluate.*--load_model_path'):
+    with pytest.raises(UserError, match='no checkpoint to evaluate.*--load_model_path'):
         main.test(**fast_options)
 
 
@@ -161,7 +198,7 @@ def test_learns_on_real_kaggle_images(shared_train, tmp_path):
     result = main.train(train_data_root=str(subset), model='SmallResNet', image_size=64,
                         batch_size=32, max_epoch=6, lr=2e-3, num_workers=2, vis=False,
                         checkpoint_dir=str(tmp_path / 'ckpt'), debug_file=str(tmp_path / 'x'))
-    history = result['history']
+    history = result.history
     assert min(r['loss'] for r in history) < math.log(2) - 0.05
     best = max(history, key=lambda r: r['val_acc_cm'])
     assert best['val_acc_cm'] > 60.0
@@ -171,5 +208,13 @@ def test_learns_on_real_kaggle_images(shared_train, tmp_path):
 def test_bf16_on_a_cpu_without_native_bf16_warns(fast_options, monkeypatch):
     monkeypatch.setattr(torch.cpu, '_is_amx_tile_supported', lambda: False)
     monkeypatch.setattr(torch.cpu, '_is_avx512_bf16_supported', lambda: False)
-    with pytest.warns(UserWarning, match='no native bfloat16 support.*drop --bf16'):
-        main.parse_options(dict(fast_options, bf16=True))
+    with pytest.warns(UserWarning, match='no native bfloat16 support.*--bf16=auto'):
+        assert config.parse(dict(fast_options, bf16=True)).bf16 is True
+    assert config.parse(dict(fast_options, bf16='auto')).bf16 is False  # auto: off here
+
+
+def test_bf16_auto_respects_an_isa_limit(fast_options, monkeypatch):
+    monkeypatch.setattr(torch.cpu, '_is_amx_tile_supported', lambda: True)
+    assert config.parse(fast_options).bf16 is True  # auto: on where native
+    monkeypatch.setenv('ONEDNN_MAX_CPU_ISA', 'AVX2')  # as on an AVX2 laptop
+    assert config.parse(fast_options).bf16 is False

@@ -10,38 +10,53 @@ from torch import nn
 from utils.errors import UserError
 
 
-def to_device(x, opt):
-    """A model or a batch of images onto opt.device, channels-last when --channels_last:
-    convolutions run 1.1-1.2x faster that way (bench/run.py), with the same results."""
-    if opt.channels_last and (isinstance(x, nn.Module) or x.dim() == 4):
-        return x.to(opt.device, memory_format=torch.channels_last, non_blocking=True)
-    return x.to(opt.device, non_blocking=True)
+class Placement:
+    """Where and how a run computes: the device, the memory format (channels-last
+    convolutions run 1.1-1.2x faster, bench/run.py, with the same results) and the
+    precision (bfloat16 autocast: weights, optimizer and loss stay fp32; on CPUs with
+    AMX or AVX512-BF16 and on GPUs since Ampere convolutions run 2-4x faster, and the
+    numbers differ from fp32 in the third digit)."""
+
+    def __init__(self, device, channels_last=True, bf16=False):
+        self.device, self.channels_last, self.bf16 = torch.device(device), channels_last, bf16
+
+    def place(self, x):
+        """A model or a tensor onto the device, channels-last for models and image batches."""
+        if self.channels_last and (isinstance(x, nn.Module) or x.dim() == 4):
+            return x.to(self.device, memory_format=torch.channels_last, non_blocking=True)
+        return x.to(self.device, non_blocking=True)
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
+
+    def forward(self, model, images):
+        """model(images) on the device, under the autocast; the scores come back fp32."""
+        with self.autocast():
+            return model(self.place(images)).float()
 
 
-def autocast(opt):
-    """Forward passes in bfloat16 when --bf16 (weights, optimizer and loss stay fp32).
-    On CPUs with AMX or AVX512-BF16, and on GPUs since Ampere, convolutions then run
-    2-4x faster (bench/run.py); the numbers differ from fp32 in the third digit."""
-    return torch.autocast(opt.device.type, dtype=torch.bfloat16, enabled=opt.bf16)
-
-
-def forward(model, images, opt):
-    """model(images) on opt.device, under --bf16's autocast; the scores come back fp32."""
-    with autocast(opt):
-        return model(to_device(images, opt)).float()
-
-
-def check_bf16(device):
-    """Warn when --bf16 would be emulated, i.e. slower than fp32, on this device."""
+def bf16_native(device):
+    """True when bfloat16 runs in hardware here: GPUs since Ampere; CPUs with AMX or
+    AVX512-BF16 (x86), unless ONEDNN_MAX_CPU_ISA keeps oneDNN below them, or Arm
+    CPUs with BF16. Elsewhere bf16 is emulated and slower than fp32."""
     if device.type == 'cuda':
-        native = torch.cuda.is_bf16_supported(including_emulation=False)
-    else:  # AMX or AVX512-BF16 (x86); Arm CPUs with BF16 report through oneDNN
-        native = (torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
-                  or (platform.machine() in ('aarch64', 'arm64')
-                      and torch.ops.mkldnn._is_mkldnn_bf16_supported()))
-    if not native:
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    if platform.machine() in ('aarch64', 'arm64'):
+        return torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    isa = os.environ.get('ONEDNN_MAX_CPU_ISA', 'ALL').upper()
+    if isa != 'ALL' and 'BF16' not in isa and 'AMX' not in isa:
+        return False
+    return torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
+
+
+def resolve_bf16(bf16, device):
+    """--bf16=auto: on where native; an explicit --bf16=True on emulating hardware warns."""
+    if bf16 == 'auto':
+        return bf16_native(device)
+    if bf16 and not bf16_native(device):
         warnings.warn(f'--bf16: this {device.type.upper()} has no native bfloat16 support, so '
-                      f'it would run slower than fp32; drop --bf16')
+                      f'it runs slower than fp32; use --bf16=auto or --bf16=False')
+    return bf16
 
 
 def check_compile(device):

@@ -13,7 +13,7 @@ from torch import nn
 from torch.utils import data
 
 from data.dataset import Skipped
-from utils.device import forward
+from utils.progress import Progress
 
 CACHE_LIMIT_BYTES = 4 * 2 ** 30  # beyond this the features stay uncached
 
@@ -86,7 +86,7 @@ class CachedFeatures(data.Dataset):
 
 
 @torch.inference_mode()
-def compute_features(model, loader, opt, skipped):
+def compute_features(model, loader, placement, skipped, desc='feature cache'):
     """CachedFeatures of loader's dataset, captured at the head's input; None when
     they would not fit in CACHE_LIMIT_BYTES."""
     dataset = loader.dataset
@@ -104,12 +104,12 @@ def compute_features(model, loader, opt, skipped):
     # the cache sees the same random stream (dropout) as training without it.
     with torch.random.fork_rng(devices=[]):
         try:
-            for good, bad, images, batch_targets, batch_skipped in in_order:
+            for good, bad, images, batch_targets, batch_skipped in Progress(in_order, desc):
                 skipped.add(batch_skipped)
                 unreadable.update(bad)
                 if images is None:
                     continue
-                forward(model, images, opt)
+                placement.forward(model, images)
                 batch_features = captured.pop()
                 if features is None:
                     if batch_features[0].numel() * batch_features.element_size() * len(dataset) \
@@ -130,27 +130,31 @@ def cached_loader(cache, loader):
                            collate_fn=loader.collate_fn)
 
 
-def use_cached_features(model, train_loader, val_loader, opt, skipped):
-    """(model, train_loader, val_loader) for the training loop: unchanged unless the
-    backbone is frozen and the transforms are deterministic; then loaders of cached
-    features and a stand-in that runs the head only."""
+def use_cached_features(run):
+    """The module the training loop runs: run.model, unless its backbone is frozen and
+    the transforms are deterministic; then a stand-in that runs the head only, with
+    run.train_loader and run.val_loader replaced by loaders of cached features."""
+    model = run.model
     if not model.frozen:
-        return model, train_loader, val_loader
-    random = random_transforms(train_loader.dataset)
+        return model
+    random = random_transforms(run.train_loader.dataset)
     if random:
         print(f'feature cache off: the training images go through random transforms '
               f'({", ".join(random)}), so the frozen backbone sees different pixels every '
               f'epoch; pass --augment=False to compute its features once')
-        return model, train_loader, val_loader
+        return model
     start = time.time()
-    train_cache = compute_features(model, train_loader, opt, skipped)
-    val_cache = compute_features(model, val_loader, opt, skipped) if train_cache else None
+    train_cache = compute_features(model, run.train_loader, run.placement, run.skipped,
+                                   'feature cache (train)')
+    val_cache = train_cache and compute_features(model, run.val_loader, run.placement,
+                                                 run.skipped, 'feature cache (val)')
     if val_cache is None:
         print(f'feature cache off: the features would not fit in '
               f'{CACHE_LIMIT_BYTES / 2 ** 30:.0f} GiB of memory')
-        return model, train_loader, val_loader
+        return model
     print(f'feature cache: backbone features of {len(train_cache)} training and '
           f'{len(val_cache)} validation images computed once in {time.time() - start:.1f}s '
           f'(shape {tuple(train_cache.features.shape[1:])}); each epoch trains the head only')
-    return (HeadOnFeatures(model), cached_loader(train_cache, train_loader),
-            cached_loader(val_cache, val_loader))
+    run.train_loader = cached_loader(train_cache, run.train_loader)
+    run.val_loader = cached_loader(val_cache, run.val_loader)
+    return HeadOnFeatures(model)

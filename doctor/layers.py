@@ -5,12 +5,11 @@ import difflib
 import os
 
 import torch
-from PIL import Image
 from timm.layers import get_notrace_functions, get_notrace_modules
 from torch import nn
 from torchvision.models.feature_extraction import create_feature_extractor
 
-from data.dataset import CLASSES, default_transforms, load_rgb
+from data.dataset import CLASSES, Skipped, default_transforms, load_or_skip
 from utils.errors import UserError
 
 
@@ -62,10 +61,9 @@ def parse_layers(layers, model):
 def load_image(path, model, image_size):
     if not os.path.isfile(path):
         raise UserError(f'--img={path!r}: no such file; pass the path of an image')
-    try:
-        img = load_rgb(path)
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-        raise UserError(f'--img={path!r} is not a readable image ({exc})') from None
+    img = load_or_skip(path)
+    if isinstance(img, Skipped):
+        raise UserError(f'--img={path!r} is not a readable image ({img.reason})')
     transform = default_transforms('val', image_size, model.input_mean, model.input_std)
     return transform(img).unsqueeze(0)
 

@@ -1,0 +1,219 @@
+"""The training loop: one step, one epoch, one evaluation pass, and fit() around them.
+
+Like the book's train(): for each epoch, for each batch, forward, loss, backward,
+step; then validate, report, adjust the learning rate and save a checkpoint.
+"""
+import math
+import os
+import sys
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from data.dataset import CLASSES
+from engine.feature_cache import use_cached_features
+from engine.report import epoch_record, report_epoch
+from utils import checkpoint, distributed
+from utils.errors import UserError
+from utils.meters import ClassificationMeter
+from utils.progress import Progress
+
+
+@dataclass
+class TrainState:
+    """Where training stands; saved in every checkpoint (utils/checkpoint.py)."""
+    epoch: int = 0  # epochs finished
+    images_done: int = 0  # images of the running epoch already trained on (a resumed one)
+    best_val_acc: float = 0.0
+    lrs: list = None  # the learning rates of the last step (not saved: the schedule knows)
+    partial: ClassificationMeter = None  # the running epoch's meter, when resumed mid-epoch
+    history: list = field(default_factory=list)  # one record per epoch (engine/report.py)
+
+
+class NonFiniteLoss(Exception):
+    pass
+
+
+class TrainingDiverged(UserError):
+    pass
+
+
+def train_step(model, optimizer, criterion, images, targets, placement):
+    """One optimisation step; returns (scores, loss value). A NaN/inf loss (on any rank)
+    raises NonFiniteLoss before it reaches the weights."""
+    scores = placement.forward(model, images)
+    loss = criterion(scores, targets.to(placement.device, non_blocking=True))
+    value = loss.item()
+    if not math.isfinite(value) or distributed.launched_by_torchrun():
+        if distributed.any_rank(not math.isfinite(value), placement.device):
+            raise NonFiniteLoss(value)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return scores, value
+
+
+def train_one_epoch(run, model, state, stop=None):
+    """One pass over run.train_loader with run.step, from state.images_done on. Returns
+    the epoch's meter; with `stop` (a GracefulStop) it returns after the step during
+    which a signal arrived, with state.images_done saying how far it got."""
+    model.train()
+    meter = state.partial or ClassificationMeter()
+    bar = Progress(run.train_loader, f'epoch {state.epoch}')
+    for images, targets, bad in bar:
+        run.skipped.add(bad)
+        state.images_done += len(bad) + (0 if images is None else len(images))
+        if images is not None and len(images) >= 2:  # BatchNorm cannot train on one image
+            if run.vis is not None and meter.total == 0 and images.dim() == 4:
+                show_batch(run, images, targets, state.epoch)
+            try:
+                scores, loss = run.step(model, run.optimizer, run.criterion, images, targets,
+                                        run.placement)
+            except NonFiniteLoss as exc:
+                raise diverged(run, state, exc.args[0]) from None
+            meter.add(scores, targets, loss)
+            bar.note(loss=f'{meter.mean_loss:.4f}', acc=f'{meter.accuracy_counts:.1f}%')
+            state.lrs = [group['lr'] for group in run.optimizer.param_groups]
+            if run.scheduler.per_step:
+                run.scheduler.step()
+            if run.vis is not None and meter.loss.n % run.opt.print_freq == 0:
+                run.vis.plot('train loss', meter.mean_loss)
+        debug_hook(run.opt.debug_file)
+        if stop is not None and distributed.any_rank(stop.requested, run.placement.device):
+            break
+    return meter
+
+
+def show_batch(run, images, targets, epoch):
+    """The epoch's first batch in Visdom: do batches mix cats and dogs?"""
+    net = run.model
+    run.vis.img_grid('first training batch', images, [CLASSES[t] for t in targets.tolist()],
+                     title=f'epoch {epoch}: first training batch',
+                     mean=net.input_mean, std=net.input_std)
+
+
+def diverged(run, state, loss):
+    lrs = [group['lr'] for group in run.optimizer.param_groups]
+    return TrainingDiverged(
+        f'the loss became {loss} at epoch {state.epoch}, image {state.images_done} (lr {lrs}): '
+        f'the run diverged. Lower --lr (try {run.opt.lr / 10:g}), or run `python main.py '
+        f'doctor` with the same options. The last good checkpoint in '
+        f'{run.opt.checkpoint_dir}/ is kept.')
+
+
+def debug_hook(debug_file):
+    """The book's ipdb hook: while the file exists, stop in the debugger. Only with a
+    terminal (or a PYTHONBREAKPOINT the user chose): an unattended run is never held."""
+    if debug_file and os.path.exists(debug_file):
+        if sys.stdin.isatty() or os.environ.get('PYTHONBREAKPOINT'):
+            breakpoint()  # remove the file, then `c` to carry on training
+
+
+@torch.inference_mode()
+def evaluate(model, loader, placement, skipped, desc='validation'):
+    """One pass without gradients: the meter of scores against labels."""
+    model.eval()
+    meter = ClassificationMeter()
+    criterion = nn.CrossEntropyLoss()
+    for images, targets, bad in Progress(loader, desc):
+        skipped.add(bad)
+        if images is None:
+            continue
+        scores = placement.forward(model, images)
+        meter.add(scores, targets, criterion(scores.cpu(), targets).item())
+    return meter
+
+
+def fit(run, stop):
+    """Train run.model for run.opt.max_epoch epochs; return the final TrainState."""
+    opt = run.opt
+    state = resume(run)
+    net = use_cached_features(run)  # run.model, or its head over cached features
+    model = wrap_for_training(net, opt)
+    last, best = checkpoint.paths(opt.checkpoint_dir, run.model.model_name)
+    for epoch in range(state.epoch, opt.max_epoch):
+        sampler = run.train_loader.sampler
+        sampler.set_epoch(epoch)
+        sampler.skip = state.images_done
+        train_meter = train_one_epoch(run, model, state, stop)
+        sampler.skip, state.partial = 0, None
+        if stop.requested:
+            save_and_exit(run, state, train_meter, last, stop)
+        train_meter.all_reduce(run.placement.device)
+        # the bare network: DDP's forward would sync buffers, and ranks' shards differ in size
+        val_meter = evaluate(net, run.val_loader, run.placement,
+                             run.skipped).all_reduce(run.placement.device)
+        end_of_epoch(run, state, train_meter, val_meter, last, best)
+    if run.skipped.summary():
+        warnings.warn(run.skipped.summary())
+    if distributed.is_main():
+        print(f'best validation accuracy {state.best_val_acc:.2f}%; checkpoints: {last}, {best}')
+    if run.vis is not None:
+        run.vis.close()  # deliver the last plots before the process ends
+    return state
+
+
+def end_of_epoch(run, state, train_meter, val_meter, last, best):
+    """Report, adjust the learning rate, remember the best, save."""
+    lrs = state.lrs or [group['lr'] for group in run.optimizer.param_groups]
+    state.history.append(epoch_record(state.epoch, lrs, train_meter, val_meter))
+    if distributed.is_main():
+        report_epoch(state.history, lrs, train_meter, val_meter, run.vis)
+    if not run.scheduler.per_step:  # every rank sees the same reduced loss: same decision
+        previous, loss = run.scheduler.previous_loss, train_meter.mean_loss
+        run.scheduler.step(loss)
+        if run.scheduler.decayed and distributed.is_main():
+            print(f'loss rose ({previous:.4f} -> {loss:.4f}): lr x {run.opt.lr_decay} '
+                  f'-> {run.scheduler.get_last_lr()}')
+    state.epoch, state.images_done = state.epoch + 1, 0
+    is_best = val_meter.accuracy_cm > state.best_val_acc
+    state.best_val_acc = max(state.best_val_acc, val_meter.accuracy_cm)
+    if distributed.is_main():
+        for path in (last, best) if is_best else (last,):
+            checkpoint.save_training(path, run.model, run.opt.to_dict(), state, run.optimizer,
+                                     run.scheduler, val_acc=val_meter.accuracy_cm)
+
+
+def resume(run):
+    """A fresh TrainState, or the saved one when resuming a training checkpoint."""
+    state = TrainState()
+    saved = run.resume_from and checkpoint.restore_training(
+        run.resume_from, run.optimizer, run.scheduler, run.opt.optimizer)
+    if not saved:
+        if run.resume_from:
+            print(f'starting from the weights in {run.resume_path}')
+        return state
+    partial = saved.pop('partial_epoch')
+    state = TrainState(**saved, partial=partial and ClassificationMeter().load_state_dict(partial))
+    if distributed.is_main():
+        print(f'resuming from {run.resume_path}: epoch {state.epoch}'
+              + (f' after {state.images_done} images' if state.images_done else '')
+              + f', lr {run.scheduler.get_last_lr()}')
+        if state.epoch >= run.opt.max_epoch:
+            print(f'the checkpoint has trained {state.epoch} epochs already: '
+                  f'raise --max_epoch to train more')
+    return state
+
+
+def wrap_for_training(model, opt):
+    """The module the steps run: its DistributedDataParallel wrapper under torchrun,
+    compiled with --compile. Checkpoints and evaluation use the bare one."""
+    if distributed.world_size() > 1:
+        model = nn.parallel.DistributedDataParallel(model)
+    if opt.compile:
+        model = torch.compile(model)  # compiles on the first batch
+    return model
+
+
+def save_and_exit(run, state, train_meter, last, stop):
+    """After SIGINT/SIGTERM: save the position inside the epoch, say how to resume."""
+    if distributed.is_main():
+        checkpoint.save_training(last, run.model, run.opt.to_dict(), state, run.optimizer,
+                                 run.scheduler, partial_epoch=train_meter.state_dict())
+        print(f'saved {last} at epoch {state.epoch}, image {state.images_done}; resume with:\n'
+              f'    python main.py train --resume={last} {run.opt.overrides_line()}')
+    if run.vis is not None:
+        run.vis.close()
+    raise SystemExit(stop.exit_code)
