@@ -97,24 +97,7 @@ class DefaultConfig:
             raise ConfigError(f"--recipe must be one of {', '.join(RECIPES)}, not {recipe!r}")
         for key, value in {**RECIPES[recipe], **kwargs}.items():
             setattr(self, key, coerce(key, value, getattr(DefaultConfig, key)))
-        if self.optimizer not in ('adam', 'sgd', 'adamw'):
-            raise ConfigError(f"--optimizer must be adam, sgd or adamw, not {self.optimizer!r}")
-        if self.lr_schedule not in ('loss', 'cosine'):
-            raise ConfigError(f"--lr_schedule must be loss or cosine, not {self.lr_schedule!r}")
-        if self.init not in ('kaiming', 'pytorch'):
-            raise ConfigError(f"--init must be kaiming or pytorch, not {self.init!r}")
-        for key in ('backbone_lr', 'classifier_lr'):
-            value = getattr(self, key)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
-                                      or value < 0):
-                raise ConfigError(f'--{key} must be a learning rate >= 0 (e.g. 1e-4), not {value!r}')
-        if not 0 < self.val_ratio < 1:
-            raise ConfigError(f"--val_ratio must lie between 0 and 1, not {self.val_ratio}")
-        for key in ('batch_size', 'image_size', 'max_epoch', 'print_freq'):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"--{key} must be at least 1, not {getattr(self, key)}")
-        if self.batch_size < 2:
-            raise ConfigError('--batch_size must be at least 2: BatchNorm cannot train on one image')
+        check_values(self)
         if self.debug_file is None:
             self.debug_file = os.path.join(self.checkpoint_dir, 'debug')
         if self.use_gpu and not torch.cuda.is_available():
@@ -146,6 +129,41 @@ class DefaultConfig:
         self._device = device
 
 
+# Allowed values, checked after every parse: (option, test, what the value must be).
+CHOICES = {'recipe': tuple(RECIPES), 'optimizer': ('adam', 'sgd', 'adamw'),
+           'lr_schedule': ('loss', 'cosine'), 'init': ('kaiming', 'pytorch')}
+RANGES = [
+    ('lr', lambda v: v > 0, 'a learning rate > 0 (e.g. 1e-3)'),
+    ('backbone_lr', lambda v: v is None or v >= 0, 'a learning rate >= 0 (e.g. 1e-4)'),
+    ('classifier_lr', lambda v: v is None or v >= 0, 'a learning rate >= 0 (e.g. 1e-4)'),
+    ('weight_decay', lambda v: v >= 0, '>= 0 (e.g. 5e-4; 0 turns it off)'),
+    ('momentum', lambda v: 0 <= v < 1, 'at least 0 and below 1 (e.g. 0.9)'),
+    ('lr_decay', lambda v: 0 < v <= 1, 'above 0 and at most 1 (the book uses 0.95; 1 never decays)'),
+    ('label_smoothing', lambda v: 0 <= v < 1, 'at least 0 and below 1 (0.1 is usual)'),
+    ('val_ratio', lambda v: 0 < v < 1, 'between 0 and 1 (e.g. 0.3)'),
+    ('seed', lambda v: 0 <= v < 2 ** 32, 'between 0 and 2**32 - 1'),
+    ('num_workers', lambda v: v >= 0, 'at least 0 (0 loads images in the main process)'),
+    ('image_size', lambda v: v >= 16, 'at least 16 pixels (224 for the ImageNet models)'),
+    ('batch_size', lambda v: v >= 2, 'at least 2 (BatchNorm cannot train on one image)'),
+    ('max_epoch', lambda v: v >= 1, 'at least 1'),
+    ('print_freq', lambda v: v >= 1, 'at least 1'),
+]
+# Options whose default is None, and the type a given value must have.
+NONE_DEFAULT_TYPES = {'weights': str, 'load_model_path': str, 'resume': str, 'img': str,
+                      'layers': str, 'debug_file': str, 'backbone_lr': float,
+                      'classifier_lr': float}
+
+
+def check_values(opt):
+    for key, choices in CHOICES.items():
+        if getattr(opt, key) not in choices:
+            raise ConfigError(f'--{key} must be one of {", ".join(choices)}, '
+                              f'not {getattr(opt, key)!r}')
+    for key, valid, what in RANGES:
+        if not valid(getattr(opt, key)):
+            raise ConfigError(f'--{key} must be {what}, not {getattr(opt, key)!r}')
+
+
 def parse(kwargs, verbose=True):
     """The options of every command: recipe, overrides, checks; under torchrun this
     process joins the process group and gets its device."""
@@ -170,8 +188,10 @@ def unknown_option_message(key):
 
 def coerce(key, value, default):
     """Convert a value given on the command line to the type of the option's default."""
-    if default is None or value is None:
+    if value is None:
         return value
+    if default is None:
+        return coerce_optional(key, value)
     kind = type(default)
     if kind is bool:
         if isinstance(value, bool):
@@ -196,6 +216,24 @@ def coerce(key, value, default):
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
     raise ConfigError(f'option {key} expects {kind.__name__} (default {default!r}), got {value!r}')
+
+
+def coerce_optional(key, value):
+    """An option off by default (None): a path, a name or a number, never a bare flag."""
+    kind = NONE_DEFAULT_TYPES[key]
+    if value is True or value is False:  # `--resume` alone: fire passes True
+        raise ConfigError(f'--{key} needs a value: --{key}=' + ('PATH' if kind is str else '1e-4'))
+    if kind is str and key == 'layers' and isinstance(value, (tuple, list)):
+        return ','.join(str(v) for v in value)  # fire splits a,b into a tuple
+    if kind is float and isinstance(value, (int, float)):
+        return float(value)
+    if kind is str and isinstance(value, str):
+        return value
+    if kind is str and key == 'layers':  # --layers=5: fire passes an int
+        return str(value)
+    if kind is float:  # the per-group learning rates
+        raise ConfigError(f'--{key} must be a learning rate >= 0 (e.g. 1e-4), not {value!r}')
+    raise ConfigError(f'option {key} expects {kind.__name__}, got {value!r}')
 
 
 def option_help():

@@ -65,6 +65,7 @@ def test(**kwargs):
     """Write opt.result_file: `id,label` per test image, label = probability of dog.
     Under torchrun each rank predicts its share and rank 0 writes the whole CSV."""
     opt = config.parse(kwargs)
+    builder.check_output_file(opt.result_file)
     run = builder.for_evaluation(opt, 'test')
     run.model.eval()
     rows = []
@@ -163,10 +164,28 @@ COMMANDS = {'train': train, 'val': val, 'test': test, 'demo': demo, 'doctor': do
             'help': help}
 
 
+def check_no_stray_words(argv):
+    """fire would run the whole command and only then fail on a stray word
+    (`train --lr=0.1 foo`): refuse it before anything runs."""
+    if not argv or argv[0] not in COMMANDS or argv[0] in ('replay', 'predict'):
+        return  # unknown commands: fire's own message; these two take positional paths
+    value_may_follow = False
+    for arg in argv[1:]:
+        if arg.startswith('-'):
+            value_may_follow = '=' not in arg  # `--lr 0.1` is fire's other spelling
+        elif value_may_follow:
+            value_may_follow = False
+        else:
+            raise UserError(f'unexpected argument {arg!r} after `{argv[0]}`: options are written '
+                            f'--name=value (`python main.py help` lists them)')
+
+
 def run(argv=None):
     """Run a command; a UserError prints one clear line and exits with status 2."""
     warnings.formatwarning = lambda msg, category, *args, **kw: f'warning: {msg}\n'
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
+        check_no_stray_words(argv)
         fire.Fire(COMMANDS, command=argv, serialize=lambda result: None)
     except UserError as exc:
         print(f'error: {exc}', file=sys.stderr)

@@ -218,7 +218,7 @@ def init_decoder():
     of its own: it can deadlock), Ctrl-C left to the main process, and the default
     SIGTERM, with which the pool stops it (not the training's save-and-exit handler)."""
     torch.set_num_threads(1)
-    ignore_sigint_in_worker(None)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
@@ -356,10 +356,12 @@ class ShardSampler(data.Sampler):
         return len(self.indices)
 
 
-def ignore_sigint_in_worker(worker_id):
-    """Ctrl-C reaches the whole process group: workers keep serving batches while
-    the main process finishes its step and saves a checkpoint."""
+def keep_serving_on_stop_signals(worker_id):
+    """A loader worker. Ctrl-C, and the SIGTERM that systemd, Slurm or `docker stop` send
+    to the whole process group, are for the main process: it finishes its step, saves a
+    checkpoint and then shuts the workers down (they also exit when it dies)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def build_loader(dataset, batch_size, shuffle, num_workers, use_gpu=False, seed=0):
@@ -369,7 +371,7 @@ def build_loader(dataset, batch_size, shuffle, num_workers, use_gpu=False, seed=
     return data.DataLoader(dataset, batch_size=batch_size, sampler=sampler,
                            num_workers=num_workers, collate_fn=collate_skipping_bad,
                            pin_memory=use_gpu, persistent_workers=num_workers > 0,
-                           worker_init_fn=ignore_sigint_in_worker)
+                           worker_init_fn=keep_serving_on_stop_signals)
 
 
 class SkippedFiles:

@@ -4,14 +4,17 @@ train, val, test, doctor, features and the benches all build through these funct
 so what the doctor examines is what train would use (same loader, sampler, model,
 placement, optimizer, schedule, loss and step).
 """
+import math
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable
 
+import torch
 from torch import nn
 
-from data.dataset import DogCat, SkippedFiles, build_loader
+from data.dataset import DataError, DogCat, SkippedFiles, build_loader
 from engine.loop import train_step
 from engine.schedules import make_scheduler
 from models import build_model
@@ -53,7 +56,12 @@ def network(opt, where, trained=False):
                             init=opt.init)
         return where.place(model)
     model = build_model(opt.model, pretrained=False)
-    model.load(checkpoint.to_evaluate(opt.load_model_path, opt.checkpoint_dir, opt.model))
+    path = checkpoint.to_evaluate(opt.load_model_path, opt.checkpoint_dir, opt.model)
+    trained_size = model.load(path).get('config', {}).get('image_size')
+    if trained_size and trained_size != opt.image_size:
+        warnings.warn(f'{path} was trained on {trained_size} px images; evaluating it at '
+                      f'--image_size={opt.image_size} gives poor results: pass '
+                      f'--image_size={trained_size}')
     return where.place(model)
 
 
@@ -93,13 +101,13 @@ def visualizer(opt):
 
 def for_training(opt, vis=True):
     """Everything train needs, with the weights of --resume or --load_model_path."""
-    import torch
     torch.manual_seed(opt.seed)
     if distributed.is_main():
         check_writable(opt.checkpoint_dir)
     where = placement(opt)
     model = network(opt, where)
     train_data, val_data = datasets(opt, model)
+    check_split(opt, train_data, val_data)
     run = Run(opt, where, model, train_data, val_data, loader(opt, train_data, True),
               loader(opt, val_data, False), criterion(opt), optimizer(opt, model))
     run.scheduler = make_scheduler(opt.lr_schedule, run.optimizer, opt.lr_decay,
@@ -122,6 +130,31 @@ def for_evaluation(opt, mode='val'):
         return Run(opt, where, model, val_data=data, val_loader=loader(opt, data, False))
     (val_data,) = datasets(opt, model, ('val',))
     return Run(opt, where, model, val_data=val_data, val_loader=loader(opt, val_data, False))
+
+
+def check_split(opt, train_data, val_data):
+    """Both splits need images, or the run would train or measure nothing."""
+    total = len(train_data) + len(val_data)
+    if not len(train_data):
+        raise DataError(f'--val_ratio={opt.val_ratio} leaves no training images out of the '
+                        f'{total} in {opt.train_data_root}: lower --val_ratio (0.3 is usual)')
+    if not len(val_data):
+        raise DataError(f'--val_ratio={opt.val_ratio} leaves no validation images out of the '
+                        f'{total} in {opt.train_data_root}: raise --val_ratio, or add images '
+                        f'(each class needs at least {math.ceil(0.5 / opt.val_ratio)})')
+
+
+def check_output_file(path, option='--result_file'):
+    """Fail before predicting, not after the whole pass, when the file cannot be written."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise UserError(f'{option}={path!r} is a folder: pass a file name, e.g. '
+                        f'{os.path.join(path, "result.csv")}')
+    if not os.path.isdir(folder):
+        raise UserError(f'{option}={path!r}: the folder {folder} does not exist; create it or '
+                        f'pass another path')
+    if not os.access(folder, os.W_OK):
+        raise UserError(f'{option}={path!r}: the folder {folder} is not writable')
 
 
 def check_writable(folder):

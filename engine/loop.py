@@ -3,6 +3,7 @@
 Like the book's train(): for each epoch, for each batch, forward, loss, backward,
 step; then validate, report, adjust the learning rate and save a checkpoint.
 """
+import contextlib
 import math
 import os
 import sys
@@ -133,19 +134,21 @@ def fit(run, stop):
     net = use_cached_features(run)  # run.model, or its head over cached features
     model = wrap_for_training(net, opt)
     last, best = checkpoint.paths(opt.checkpoint_dir, run.model.model_name)
-    for epoch in range(state.epoch, opt.max_epoch):
-        sampler = run.train_loader.sampler
-        sampler.set_epoch(epoch)
-        sampler.skip = state.images_done
-        train_meter = train_one_epoch(run, model, state, stop)
-        sampler.skip, state.partial = 0, None
-        if stop.requested:
-            save_and_exit(run, state, train_meter, last, stop)
-        train_meter.all_reduce(run.placement.device)
-        # the bare network: DDP's forward would sync buffers, and ranks' shards differ in size
-        val_meter = evaluate(net, run.val_loader, run.placement,
-                             run.skipped).all_reduce(run.placement.device)
-        end_of_epoch(run, state, train_meter, val_meter, last, best)
+    with lock_if_main(opt.checkpoint_dir, run.model.model_name):
+        for epoch in range(state.epoch, opt.max_epoch):
+            sampler = run.train_loader.sampler
+            sampler.set_epoch(epoch)
+            sampler.skip = state.images_done
+            train_meter = train_one_epoch(run, model, state, stop)
+            sampler.skip, state.partial = 0, None
+            if stop.requested:
+                save_and_exit(run, state, train_meter, last, stop)
+            train_meter.all_reduce(run.placement.device)
+            # the bare network: DDP's forward would sync buffers; ranks' shards differ in size
+            val_meter = evaluate(net, run.val_loader, run.placement,
+                                 run.skipped).all_reduce(run.placement.device)
+            check_images_seen(train_meter, val_meter, run)
+            end_of_epoch(run, state, train_meter, val_meter, last, best)
     if run.skipped.summary():
         warnings.warn(run.skipped.summary())
     if distributed.is_main():
@@ -153,6 +156,21 @@ def fit(run, stop):
     if run.vis is not None:
         run.vis.close()  # deliver the last plots before the process ends
     return state
+
+
+def lock_if_main(checkpoint_dir, model_name):
+    """Rank 0 alone writes checkpoints, so it alone holds the checkpoint dir's lock."""
+    if distributed.is_main():
+        return checkpoint.training_lock(checkpoint_dir, model_name)
+    return contextlib.nullcontext()
+
+
+def check_images_seen(train_meter, val_meter, run):
+    """An epoch in which no image could be used trains or measures nothing: stop."""
+    for meter, split in ((train_meter, 'training'), (val_meter, 'validation')):
+        if meter.total == 0:
+            raise UserError(f'no {split} image could be used in this epoch: every one was '
+                            f'unreadable (see the warnings above) in {run.opt.train_data_root}')
 
 
 def end_of_epoch(run, state, train_meter, val_meter, last, best):
@@ -177,16 +195,27 @@ def end_of_epoch(run, state, train_meter, val_meter, last, best):
 
 
 def resume(run):
-    """A fresh TrainState, or the saved one when resuming a training checkpoint."""
-    state = TrainState()
-    saved = run.resume_from and checkpoint.restore_training(
-        run.resume_from, run.optimizer, run.scheduler, run.opt.optimizer)
+    """A fresh TrainState, or the saved one when resuming a training checkpoint whose
+    split and input options match these (see utils/checkpoint.py differences())."""
+    saved = run.resume_from
     if not saved:
-        if run.resume_from:
-            print(f'starting from the weights in {run.resume_path}')
-        return state
-    partial = saved.pop('partial_epoch')
-    state = TrainState(**saved, partial=partial and ClassificationMeter().load_state_dict(partial))
+        return TrainState()
+    changed = checkpoint.differences(saved.get('config', {}), run.opt.to_dict())
+    if changed and run.opt.resume:
+        raise UserError(
+            f'--resume={run.opt.resume}: the checkpoint was trained with '
+            + ', '.join(f'--{key}={old}' for key, old, _ in changed) + '; now '
+            + ', '.join(f'--{key}={new}' for key, _, new in changed) + '. Resuming would mix '
+            f'the validation split into training or change the input: pass the same values, '
+            f'or start a new run from its weights with --load_model_path={run.resume_path}')
+    fields = None if changed else checkpoint.restore_training(
+        saved, run.optimizer, run.scheduler, run.opt.optimizer)
+    if not fields:
+        print(f'starting from the weights in {run.resume_path}'
+              + (f' (a new run: {", ".join(key for key, _, _ in changed)} changed)' if changed else ''))
+        return TrainState()
+    partial = fields.pop('partial_epoch')
+    state = TrainState(**fields, partial=partial and ClassificationMeter().load_state_dict(partial))
     if distributed.is_main():
         print(f'resuming from {run.resume_path}: epoch {state.epoch}'
               + (f' after {state.images_done} images' if state.images_done else '')

@@ -59,11 +59,18 @@ class ClassificationMeter:
                 'total': self.total, 'nll_sum': self.nll_sum}
 
     def load_state_dict(self, state):
+        """Restore through the meters' own add(): the loss as one add of its sum over n
+        batches (the running mean is then sum / n, as it was), the confusion matrix as
+        its (true, predicted) pairs."""
         self.loss.reset()
-        self.loss.sum, self.loss.n = state['loss_sum'], state['loss_n']
-        if self.loss.n:  # torchnet updates its running mean from mean_old on each add
-            self.loss.mean = self.loss.mean_old = self.loss.sum / self.loss.n
-        self.confusion.conf[:] = state['confusion'].numpy()
+        if state['loss_n']:
+            self.loss.add(state['loss_sum'], n=state['loss_n'])
+        self.confusion.reset()
+        cm = torch.as_tensor(state['confusion'])
+        truth, predicted = torch.nonzero(cm >= 0, as_tuple=True)
+        counts = cm.flatten()
+        if counts.sum() > 0:
+            self.confusion.add(predicted.repeat_interleave(counts), truth.repeat_interleave(counts))
         self.correct, self.total, self.nll_sum = state['correct'], state['total'], state['nll_sum']
         return self
 
