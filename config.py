@@ -16,7 +16,7 @@ import torch
 from utils import distributed
 from utils.device import check_compile, resolve_bf16
 from utils.errors import UserError
-from utils.visdom_server import DEFAULT_ENV, DEFAULT_PORT, DEFAULT_SERVER
+from utils.visdom_server import DEFAULT_ENV, DEFAULT_PORT, DEFAULT_SERVER, check_server_url
 
 
 class ConfigError(UserError):
@@ -43,7 +43,7 @@ class DefaultConfig:
     vis = True  # plot to Visdom; False turns it off
     vis_server = DEFAULT_SERVER  # Visdom server address
     vis_port = DEFAULT_PORT  # Visdom server port
-    model = 'ResNet34'  # model class in models/ (from scratch: ResNet34, SmallResNet, AlexNet; pretrained: SqueezeNet, ResNet18, ResNet34Pretrained, MobileNetV2, EfficientNetLite0)
+    model = 'ResNet34'  # model class in models/ (from scratch: ResNet34, SmallResNet, AlexNet; pretrained: SqueezeNet, ResNet18, ResNet34Pretrained, MobileNetV2, EfficientNetLite0/1/2)
     pretrained = True  # ImageNet weights for the pretrained models; False trains them from scratch (Kaiming init)
     weights = None  # local ImageNet state dict (.pth) for a pretrained model, instead of the download (offline machines, mirrors)
     freeze = False  # train only the classifier of a pretrained model; its backbone stays fixed
@@ -75,6 +75,7 @@ class DefaultConfig:
     layers = None  # features: comma-separated layer names to show (default: the top-level ones)
 
     max_epoch = 10  # number of training epochs
+    time_budget = None  # minutes for the whole train command (set-up, decoding, validation, checkpoints included): the LR follows warm-up + cosine over the wall clock, and as many epochs run as fit; replaces --max_epoch and --lr_schedule
     optimizer = 'adam'  # adam, sgd, or adamw (AdamW without weight decay on biases and norms)
     lr = 0.001  # initial learning rate
     backbone_lr = None  # learning rate of a pretrained model's backbone (default: --lr)
@@ -98,6 +99,7 @@ class DefaultConfig:
         for key, value in {**RECIPES[recipe], **kwargs}.items():
             setattr(self, key, coerce(key, value, getattr(DefaultConfig, key)))
         check_values(self)
+        self.vis_server = check_server_url(self.vis_server)
         if self.debug_file is None:
             self.debug_file = os.path.join(self.checkpoint_dir, 'debug')
         if self.use_gpu and not torch.cuda.is_available():
@@ -146,12 +148,13 @@ RANGES = [
     ('image_size', lambda v: v >= 16, 'at least 16 pixels (224 for the ImageNet models)'),
     ('batch_size', lambda v: v >= 2, 'at least 2 (BatchNorm cannot train on one image)'),
     ('max_epoch', lambda v: v >= 1, 'at least 1'),
+    ('time_budget', lambda v: v is None or v > 0, 'minutes > 0 (e.g. 20)'),
     ('print_freq', lambda v: v >= 1, 'at least 1'),
 ]
 # Options whose default is None, and the type a given value must have.
 NONE_DEFAULT_TYPES = {'weights': str, 'load_model_path': str, 'resume': str, 'img': str,
                       'layers': str, 'debug_file': str, 'backbone_lr': float,
-                      'classifier_lr': float}
+                      'classifier_lr': float, 'time_budget': float}
 
 
 def check_values(opt):
@@ -231,6 +234,8 @@ def coerce_optional(key, value):
         return value
     if kind is str and key == 'layers':  # --layers=5: fire passes an int
         return str(value)
+    if kind is float and key == 'time_budget':
+        raise ConfigError(f'--time_budget must be minutes > 0 (e.g. 20), not {value!r}')
     if kind is float:  # the per-group learning rates
         raise ConfigError(f'--{key} must be a learning rate >= 0 (e.g. 1e-4), not {value!r}')
     raise ConfigError(f'option {key} expects {kind.__name__}, got {value!r}')

@@ -16,7 +16,7 @@ from torch import nn
 
 from data.dataset import DataError, DogCat, SkippedFiles, build_loader
 from engine.loop import train_step
-from engine.schedules import make_scheduler
+from engine.schedules import TimeBudget, make_scheduler
 from models import build_model
 from utils import checkpoint, distributed
 from utils.device import Placement
@@ -41,6 +41,7 @@ class Run:
     vis: object = None  # a Visualizer, or None with --vis=False
     resume_path: str = None  # the checkpoint the weights came from, and its contents
     resume_from: dict = None
+    budget: TimeBudget = None  # the run's clock, and with --time_budget its deadline
     skipped: SkippedFiles = field(default_factory=SkippedFiles)
 
 
@@ -101,6 +102,7 @@ def visualizer(opt):
 
 def for_training(opt, vis=True):
     """Everything train needs, with the weights of --resume or --load_model_path."""
+    budget = TimeBudget(opt.time_budget, started=time.monotonic())  # decoding counts
     torch.manual_seed(opt.seed)
     if distributed.is_main():
         check_writable(opt.checkpoint_dir)
@@ -110,8 +112,10 @@ def for_training(opt, vis=True):
     check_split(opt, train_data, val_data)
     run = Run(opt, where, model, train_data, val_data, loader(opt, train_data, True),
               loader(opt, val_data, False), criterion(opt), optimizer(opt, model))
+    run.budget = budget
     run.scheduler = make_scheduler(opt.lr_schedule, run.optimizer, opt.lr_decay,
-                                   opt.max_epoch * len(run.train_loader))
+                                   opt.max_epoch * len(run.train_loader),
+                                   budget if opt.time_budget else None)
     run.resume_path = checkpoint.to_resume(opt.resume, opt.load_model_path, opt.checkpoint_dir,
                                            opt.model)
     if run.resume_path:

@@ -7,6 +7,7 @@ import contextlib
 import math
 import os
 import sys
+import time
 import warnings
 from dataclasses import dataclass, field
 
@@ -28,6 +29,7 @@ class TrainState:
     epoch: int = 0  # epochs finished
     images_done: int = 0  # images of the running epoch already trained on (a resumed one)
     best_val_acc: float = 0.0
+    seconds: float = 0.0  # wall time used by the run so far, resumes included
     lrs: list = None  # the learning rates of the last step (not saved: the schedule knows)
     partial: ClassificationMeter = None  # the running epoch's meter, when resumed mid-epoch
     history: list = field(default_factory=list)  # one record per epoch (engine/report.py)
@@ -84,6 +86,8 @@ def train_one_epoch(run, model, state, stop=None):
         debug_hook(run.opt.debug_file)
         if stop is not None and distributed.any_rank(stop.requested, run.placement.device):
             break
+        if distributed.any_rank(run.budget.exhausted(), run.placement.device):
+            break  # --time_budget: what is left is for the last validation and checkpoint
     return meter
 
 
@@ -135,27 +139,38 @@ def fit(run, stop):
     model = wrap_for_training(net, opt)
     last, best = checkpoint.paths(opt.checkpoint_dir, run.model.model_name)
     with lock_if_main(opt.checkpoint_dir, run.model.model_name):
-        for epoch in range(state.epoch, opt.max_epoch):
+        while more_epochs(run, state):
             sampler = run.train_loader.sampler
-            sampler.set_epoch(epoch)
+            sampler.set_epoch(state.epoch)
             sampler.skip = state.images_done
             train_meter = train_one_epoch(run, model, state, stop)
             sampler.skip, state.partial = 0, None
             if stop.requested:
                 save_and_exit(run, state, train_meter, last, stop)
+            ending = time.monotonic()
             train_meter.all_reduce(run.placement.device)
             # the bare network: DDP's forward would sync buffers; ranks' shards differ in size
             val_meter = evaluate(net, run.val_loader, run.placement,
                                  run.skipped).all_reduce(run.placement.device)
             check_images_seen(train_meter, val_meter, run)
             end_of_epoch(run, state, train_meter, val_meter, last, best)
+            run.budget.measured_end(time.monotonic() - ending)
     if run.skipped.summary():
         warnings.warn(run.skipped.summary())
     if distributed.is_main():
-        print(f'best validation accuracy {state.best_val_acc:.2f}%; checkpoints: {last}, {best}')
+        print(f'best validation accuracy {state.best_val_acc:.2f}%; checkpoints: {last}, {best}'
+              + (f'; {state.epoch} epochs in {state.seconds / 60:.1f} of the '
+                 f'{run.opt.time_budget:g} minutes' if run.opt.time_budget else ''))
     if run.vis is not None:
         run.vis.close()  # deliver the last plots before the process ends
     return state
+
+
+def more_epochs(run, state):
+    """--max_epoch epochs, or with --time_budget as many as the budget allows."""
+    if run.opt.time_budget:
+        return not run.budget.exhausted()
+    return state.epoch < run.opt.max_epoch
 
 
 def lock_if_main(checkpoint_dir, model_name):
@@ -185,7 +200,8 @@ def end_of_epoch(run, state, train_meter, val_meter, last, best):
         if run.scheduler.decayed and distributed.is_main():
             print(f'loss rose ({previous:.4f} -> {loss:.4f}): lr x {run.opt.lr_decay} '
                   f'-> {run.scheduler.get_last_lr()}')
-    state.epoch, state.images_done = state.epoch + 1, 0
+    state.epoch, state.images_done = state.epoch + 1, 0  # an epoch cut by the budget ends too
+    state.seconds = run.budget.elapsed()
     is_best = val_meter.accuracy_cm > state.best_val_acc
     state.best_val_acc = max(state.best_val_acc, val_meter.accuracy_cm)
     if distributed.is_main():
@@ -216,6 +232,7 @@ def resume(run):
         return TrainState()
     partial = fields.pop('partial_epoch')
     state = TrainState(**fields, partial=partial and ClassificationMeter().load_state_dict(partial))
+    run.budget.used_before = state.seconds  # --time_budget: the remaining budget carries on
     if distributed.is_main():
         print(f'resuming from {run.resume_path}: epoch {state.epoch}'
               + (f' after {state.images_done} images' if state.images_done else '')
@@ -239,6 +256,7 @@ def wrap_for_training(model, opt):
 def save_and_exit(run, state, train_meter, last, stop):
     """After SIGINT/SIGTERM: save the position inside the epoch, say how to resume."""
     if distributed.is_main():
+        state.seconds = run.budget.elapsed()
         checkpoint.save_training(last, run.model, run.opt.to_dict(), state, run.optimizer,
                                  run.scheduler, partial_epoch=train_meter.state_dict())
         print(f'saved {last} at epoch {state.epoch}, image {state.images_done}; resume with:\n'

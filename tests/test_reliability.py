@@ -206,3 +206,8 @@ def test_the_malicious_pickle_message_says_the_file_holds_code(tmp_path):
     with pytest.raises(CheckpointError, match=r'holds Python code \(a call to posix.system\).*not loaded') as error:
         SmallResNet().load(str(tmp_path / 'evil.pth'))
     assert 'weights_only=False' not in str(error.value)
+
+
+def test_a_vis_server_that_is_not_a_url_is_a_one_line_error(fast_options, capsys):
+    code, _, err = run_main(argv_of('train', fast_options, vis_server='not a url'), capsys)
+    assert code == 2 and "--vis_server='not a url'" in err and 'http://localhost' in err

@@ -3,6 +3,7 @@ import io
 import math
 import os
 import sys
+import time
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ import config
 import main
 from engine import builder
 from engine.loop import fit, train_step
-from engine.schedules import DecayWhenLossRises
+from engine.schedules import DecayWhenLossRises, TimeBudget
 from utils.errors import UserError
 from utils.interrupt import GracefulStop
 from models import SmallResNet
@@ -218,3 +219,25 @@ def test_bf16_auto_respects_an_isa_limit(fast_options, monkeypatch):
     assert config.parse(fast_options).bf16 is True  # auto: on where native
     monkeypatch.setenv('ONEDNN_MAX_CPU_ISA', 'AVX2')  # as on an AVX2 laptop
     assert config.parse(fast_options).bf16 is False
+
+
+def test_time_budget_trains_by_the_clock_and_ends_in_time(fast_options):
+    """--time_budget: as many epochs as fit, the LR warming up then falling towards 0 by
+    the wall clock, the last validation and checkpoint inside the budget."""
+    started = time.monotonic()
+    state = main.train(**dict(fast_options, time_budget=0.25, max_epoch=1))  # 15 s
+    took = time.monotonic() - started
+    assert len(state.history) >= 2  # not bound by --max_epoch=1
+    assert took < 15 + 10 and state.seconds <= 15 + 5
+    lrs = [r['lrs'][0] for r in state.history]
+    assert max(lrs) > 5 * lrs[-1]  # the cosine came down by the end
+    checkpoint = torch.load(os.path.join(fast_options['checkpoint_dir'], 'SmallResNet_last.pth'),
+                            weights_only=True)
+    assert checkpoint['seconds'] == pytest.approx(state.seconds)
+
+
+def test_a_resumed_budget_only_has_what_is_left():
+    budget = TimeBudget(10, started=time.monotonic(), used=9 * 60)
+    assert 0.9 < budget.progress() < 1.0 and not budget.exhausted()
+    assert TimeBudget(10, started=time.monotonic(), used=10 * 60).exhausted()
+    assert not TimeBudget(None, started=0).exhausted()  # no budget: a clock only

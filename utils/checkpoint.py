@@ -4,6 +4,7 @@ A checkpoint is a dict written by torch.save:
     model_name, state_dict, config         every checkpoint (BasicModule.save)
     epoch, images_done, best_val_acc       where training stands (images_done: of an
                                            interrupted epoch, 0 after a whole one)
+    seconds                                wall time used so far (--time_budget)
     optimizer, scheduler, rng              what an exact resume needs
     partial_epoch                          the interrupted epoch's meter
     val_acc                                this epoch's validation accuracy
@@ -20,7 +21,7 @@ import torch
 
 from utils.errors import UserError
 
-TRAINING_FIELDS = ('epoch', 'images_done', 'best_val_acc')
+TRAINING_FIELDS = ('epoch', 'images_done', 'best_val_acc', 'seconds')
 
 
 class CheckpointError(UserError):
@@ -183,7 +184,7 @@ def checked_fields(checkpoint):
     """The training fields, refused when a hand-made or damaged file holds odd values."""
     fields = {name: checkpoint[name] for name in TRAINING_FIELDS if name in checkpoint}
     for name, value in fields.items():
-        kinds = (int,) if name != 'best_val_acc' else (int, float)
+        kinds = (int, float) if name in ('best_val_acc', 'seconds') else (int,)
         if isinstance(value, bool) or not isinstance(value, kinds) or value < 0:
             raise CheckpointError(f'the checkpoint\'s {name!r} is {value!r}, not a number >= 0: '
                                   f'the file is damaged or hand-made; start from its weights '

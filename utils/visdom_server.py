@@ -4,11 +4,14 @@
 
 runs the command with a server on --vis_port (default 8097): `./run.sh` uses it.
 """
+import http.client
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from urllib.parse import urlparse
 
@@ -19,15 +22,53 @@ LOCAL_HOSTS = ('localhost', '127.0.0.1')
 DEFAULT_SERVER, DEFAULT_PORT, DEFAULT_ENV = 'http://localhost', 8097, 'default'
 # Straight to the server: an http_proxy without a no_proxy for localhost must not hide it.
 DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+# Visdom's page (and its login page) is titled "visdom"; another server on the port is not.
+VISDOM_TITLE = re.compile(rb'<title>\s*visdom', re.IGNORECASE)
 
 
-def page_answers(port, host='localhost', timeout=1.0):
-    """True when a Visdom page is served on host:port."""
+def check_server_url(url):
+    """`url` without a trailing slash when it is an http(s) URL with a host and nothing
+    else (visdom adds --vis_port itself); else a one-line UserError naming the option."""
     try:
-        with DIRECT.open(f'http://{host}:{port}/', timeout=timeout) as reply:
-            return reply.status == 200
-    except OSError:
-        return False
+        parsed = urlparse(str(url))
+        port = parsed.port
+    except ValueError:  # e.g. http://host:abc or http://[::1
+        parsed, port = urlparse(''), None
+    if parsed.scheme not in ('http', 'https') or not parsed.hostname:
+        problem = 'not an http(s) URL with a host'
+    elif port is not None:
+        problem = 'the port goes in --vis_port'
+    elif parsed.path.strip('/') or parsed.query or parsed.fragment or parsed.username:
+        problem = 'give the address alone, without a path, query or user'
+    else:
+        return str(url).rstrip('/')
+    raise UserError(f'--vis_server={url!r}: {problem}; a valid one: --vis_server=http://localhost')
+
+
+def what_answers(port, host='localhost', timeout=1.0, scheme='http'):
+    """'visdom' when a Visdom page is served on host:port, 'other' when something else
+    answers there (e.g. `python -m http.server`), None when nothing does."""
+    try:
+        with DIRECT.open(f'{scheme}://{host}:{port}/', timeout=timeout) as reply:
+            page = reply.read(65536)  # the title follows the page's script tags
+    except urllib.error.HTTPError:  # an HTTP error status: some server, not Visdom's page
+        return 'other'
+    except OSError:  # refused, unreachable or timed out
+        return None
+    except http.client.HTTPException:  # something that does not speak HTTP
+        return 'other'
+    return 'visdom' if VISDOM_TITLE.search(page) else 'other'
+
+
+def not_visdom(server, port):
+    """What to say when what_answers finds 'other'."""
+    return (f'{server}:{port} answers, but it is not a Visdom server (another program '
+            f'holds the port)')
+
+
+def page_answers(port, host='localhost', timeout=1.0, scheme='http'):
+    """True when a Visdom page is served on host:port."""
+    return what_answers(port, host, timeout, scheme) == 'visdom'
 
 
 def start(port, env_path=None, log_path=None, bind_local=False, timeout=60):
@@ -110,7 +151,8 @@ def run_with_server(command):
 
     previous = signal.signal(signal.SIGTERM, on_sigterm)
     try:
-        if vis and host in LOCAL_HOSTS and not page_answers(port):
+        # another program on the port: starting would fail, and the run's Visualizer says so
+        if vis and host in LOCAL_HOSTS and what_answers(port) is None:
             print(f'starting a Visdom server on port {port}')
             try:
                 process = start(port)
