@@ -6,6 +6,8 @@
     python main.py doctor [--option=value ...]   # why is a run stuck at 50%?
     python main.py demo        # generated images, no download needed
     python main.py features --img=PATH [--layers=conv1,layer1] [--load_model_path=...]
+    python main.py predict PHOTO|FOLDER|"GLOB" [...] [--result_file=x.csv] [--engine=onnx]
+    python main.py export      # checkpoints/<model>.onnx, for ONNX Runtime
     python main.py replay --file=checkpoints/visdom_default_<time>.log   # recorded plots
     python main.py visdom_setup  # Visdom page assets from npm, for machines without CDN access
     python main.py help
@@ -22,7 +24,8 @@ import config
 from data.synthetic import make_labelled_images, make_test_images
 from doctor import run_doctor
 from doctor.layers import describe_layers
-from engine import builder
+from engine import builder, onnx_engine
+from engine import predict as after_training
 from engine.loop import evaluate, fit
 from utils import distributed
 from utils.errors import UserError
@@ -47,7 +50,7 @@ def val(**kwargs):
     """Evaluate a checkpoint on the validation split: confusion matrix, accuracies, log loss."""
     opt = config.parse(kwargs)
     run = builder.for_evaluation(opt, 'val')
-    meter = evaluate(run.model, run.val_loader, run.placement, run.skipped)
+    meter = evaluate(onnx_engine.for_inference(run), run.val_loader, run.placement, run.skipped)
     meter.all_reduce(run.placement.device)
     if distributed.is_main():
         print(f'validation images: {meter.total}\n'
@@ -68,12 +71,13 @@ def test(**kwargs):
     builder.check_output_file(opt.result_file)
     run = builder.for_evaluation(opt, 'test')
     run.model.eval()
+    network = onnx_engine.for_inference(run)  # --engine: the model, or it in ONNX Runtime
     rows = []
     for images, ids, bad in Progress(run.val_loader, 'test'):
         run.skipped.add(bad)
         if images is None:
             continue
-        probability_dog = torch.softmax(run.placement.forward(run.model, images), dim=1)[:, 1]
+        probability_dog = torch.softmax(run.placement.forward(network, images), dim=1)[:, 1]
         rows += zip(ids.tolist(), probability_dog.cpu().tolist())
     rows = distributed.gather_to_main(rows)
     if not distributed.is_main():
@@ -92,6 +96,22 @@ def write_csv(path, rows):
         writer.writerow(['id', 'label'])
         writer.writerows((image_id, f'{p:.6f}') for image_id, p in rows)
     os.replace(tmp, path)
+
+
+def predict(*paths, **kwargs):
+    """Print `path, P(dog), cat|dog` for each photo, folder or glob given, in that order.
+    --result_file=x.csv writes them too (only when given: test's result.csv stays as is)."""
+    to_csv = any(key.replace('-', '_') == 'result_file' for key in kwargs)
+    opt = config.parse(kwargs, verbose=False)
+    if to_csv:
+        builder.check_output_file(opt.result_file)
+    return after_training.predict(opt, paths, opt.result_file if to_csv else None)
+
+
+def export(**kwargs):
+    """Write <checkpoint_dir>/<model>.onnx from --load_model_path (or <model>_best.pth):
+    batch size dynamic, input contract in the file's metadata."""
+    return after_training.export(config.parse(kwargs, verbose=False))
 
 
 def demo(**kwargs):
@@ -161,7 +181,7 @@ def help(markdown=False):
 
 COMMANDS = {'train': train, 'val': val, 'test': test, 'demo': demo, 'doctor': doctor,
             'features': features, 'replay': replay, 'visdom_setup': visdom_setup,
-            'help': help}
+            'predict': predict, 'export': export, 'help': help}
 
 
 def check_no_stray_words(argv):

@@ -5,7 +5,8 @@
 Rows: this machine's fp32 and bf16 matmul peaks; data-pipeline images/s in one process
 and through a DataLoader with --workers processes (the book's per-image PIL + float
 transforms vs our decode-once uint8 path, for the train and the val/test transforms);
-train-step and eval images/s per model, with the achieved GFLOP/s against the matmul peak; with
+train-step and eval images/s per model, with the achieved GFLOP/s against the matmul peak;
+`predict` on 1,000 photos with EfficientNetLite0, --engine=torch vs --engine=onnx; with
 --compile, SmallResNet's train step eager vs torch.compile; last, a short training
 with --vis=True and no Visdom server against --vis=False. Each
 number is the median of --repeats timed runs after a warm-up. Run it on an idle
@@ -207,6 +208,35 @@ def vis_row(repeats, images=200, epochs=2):
             '--vis=True, no Visdom server', seen / statistics.median(times['no server']))
 
 
+def predict_row(images=1000, size=224, workers=2):
+    """`python main.py predict` on `images` shared photos with EfficientNetLite0 (ImageNet
+    backbone and a fresh 2-class head, saved as the checkpoint): --engine=torch against
+    --engine=onnx, the whole command timed once each (decoding included, and for ONNX
+    Runtime the export too), --bf16 as auto sets it."""
+    import main
+    tmp = tempfile.mkdtemp(prefix='bench_predict_')
+    folder = os.path.join(tmp, 'photos')
+    os.makedirs(folder)
+    for label in ('cat', 'dog'):
+        for n in range(images // 2):
+            os.symlink(os.path.join(SHARED, f'{label}.{n}.jpg'),
+                       os.path.join(folder, f'{label}.{n}.jpg'))
+    torch.manual_seed(0)
+    model = build_model('EfficientNetLite0')
+    checkpoint = model.save(os.path.join(tmp, 'EfficientNetLite0_best.pth'))
+    options = dict(model='EfficientNetLite0', image_size=size, load_model_path=checkpoint,
+                   checkpoint_dir=tmp, num_workers=workers, batch_size=32)
+    rates = {}
+    with contextlib.redirect_stdout(io.StringIO()):
+        for engine in ('torch', 'onnx'):
+            start = time.perf_counter()
+            main.predict(folder, engine=engine, **options)
+            rates[engine] = images / (time.perf_counter() - start)
+    shutil.rmtree(tmp, ignore_errors=True)
+    return (f'predict, EfficientNetLite0 {size} px, {images} photos, whole command',
+            '--engine=torch', rates['torch'], '--engine=onnx (export included)', rates['onnx'])
+
+
 def percent_of_peak(rate, flops, peak):
     return f'{rate * flops / 1e9:.0f} GFLOP/s ({100 * rate * flops / 1e9 / peak:.0f}%)'
 
@@ -232,6 +262,10 @@ def main(repeats=5, threads=2, images=64, workers=2, compile=False):
                 name, size, batch, repeats, peak, bf16_peak):
             print(f'| {what} | {base} | {base_rate:.1f} | {our} | {our_rate:.1f} | '
                   f'{our_rate / base_rate:.2f}x | {percent_of_peak(our_rate, flops, our_peak)} |')
+    if os.path.isdir(SHARED):
+        what, base, base_rate, our, our_rate = predict_row(workers=workers)
+        print(f'| {what} | {base} | {base_rate:.1f} | {our} | {our_rate:.1f} | '
+              f'{our_rate / base_rate:.2f}x | |')
     what, base, base_rate, our, our_rate = vis_row(max(repeats, 9))  # ~1 s runs: more repeats
     print(f'| {what} | {base} | {base_rate:.0f} | {our} | {our_rate:.0f} | {our_rate / base_rate:.2f}x | |')
     if compile:

@@ -2,9 +2,11 @@
 
 With --freeze the backbone is a fixed function, so when the input transforms are
 deterministic every epoch would recompute the same features. They are captured once
-at the head's input (a forward pre-hook: no per-model code) and each epoch then costs
+at the head's input (a forward pre-hook: no per-model code, or the second output of
+the network exported to ONNX Runtime when --engine picks it) and each epoch then costs
 only the head's forward and backward on the cached tensors.
 """
+import contextlib
 import functools
 import time
 
@@ -13,6 +15,7 @@ from torch import nn
 from torch.utils import data
 
 from data.dataset import Skipped
+from engine import onnx_engine
 from utils.progress import Progress
 
 CACHE_LIMIT_BYTES = 4 * 2 ** 30  # beyond this the features stay uncached
@@ -85,42 +88,58 @@ class CachedFeatures(data.Dataset):
         return self.features[index], int(self.targets[index])
 
 
+@contextlib.contextmanager
+def backbone_features(model, placement, network=None):
+    """A function images -> fp32 features at the head's input: the second output of an
+    ONNX Runtime network (engine/onnx_engine.py), else torch's forward with a pre-hook
+    on the head (no per-model code)."""
+    if network is not None:
+        yield network.features
+        return
+    captured = []
+    hook = model.head().register_forward_pre_hook(
+        lambda module, args: captured.append(args[0].detach().float().cpu()))
+
+    def features(images):
+        placement.forward(model, images)
+        return captured.pop()
+    try:
+        yield features
+    finally:
+        hook.remove()
+
+
 @torch.inference_mode()
-def compute_features(model, loader, placement, skipped, desc='feature cache'):
-    """CachedFeatures of loader's dataset, captured at the head's input; None when
-    they would not fit in CACHE_LIMIT_BYTES."""
+def compute_features(model, loader, placement, skipped, desc='feature cache', network=None):
+    """CachedFeatures of loader's dataset, captured at the head's input (through
+    `network`, an OnnxNetwork of model, when given); None when they would not fit in
+    CACHE_LIMIT_BYTES."""
     dataset = loader.dataset
     in_order = data.DataLoader(Indexed(dataset), batch_size=loader.batch_size,
                                num_workers=loader.num_workers,
                                collate_fn=functools.partial(collate_indexed,
                                                             collate=loader.collate_fn))
-    captured = []
-    hook = model.head().register_forward_pre_hook(
-        lambda module, args: captured.append(args[0].detach().float().cpu()))
     model.eval()
     features = targets = None
     unreadable = {}
     # Iterating a loader draws from the global RNG: fork it, so that training after
     # the cache sees the same random stream (dropout) as training without it.
-    with torch.random.fork_rng(devices=[]):
-        try:
-            for good, bad, images, batch_targets, batch_skipped in Progress(in_order, desc):
-                skipped.add(batch_skipped)
-                unreadable.update(bad)
-                if images is None:
-                    continue
-                placement.forward(model, images)
-                batch_features = captured.pop()
-                if features is None:
-                    if batch_features[0].numel() * batch_features.element_size() * len(dataset) \
-                            > CACHE_LIMIT_BYTES:
-                        return None
-                    features = batch_features.new_zeros((len(dataset), *batch_features.shape[1:]))
-                    targets = torch.zeros(len(dataset), dtype=torch.long)
-                features[good] = batch_features
-                targets[good] = batch_targets
-        finally:
-            hook.remove()
+    with torch.random.fork_rng(devices=[]), \
+            backbone_features(model, placement, network) as extract:
+        for good, bad, images, batch_targets, batch_skipped in Progress(in_order, desc):
+            skipped.add(batch_skipped)
+            unreadable.update(bad)
+            if images is None:
+                continue
+            batch_features = extract(images)
+            if features is None:
+                if batch_features[0].numel() * batch_features.element_size() * len(dataset) \
+                        > CACHE_LIMIT_BYTES:
+                    return None
+                features = batch_features.new_zeros((len(dataset), *batch_features.shape[1:]))
+                targets = torch.zeros(len(dataset), dtype=torch.long)
+            features[good] = batch_features
+            targets[good] = batch_targets
     return CachedFeatures(features, targets, unreadable) if features is not None else None
 
 
@@ -144,10 +163,14 @@ def use_cached_features(run):
               f'epoch; pass --augment=False to compute its features once')
         return model
     start = time.time()
+    # --engine: ONNX Runtime computes the features where it is faster (the head trains in torch)
+    network = onnx_engine.choose(run.opt, model, run.placement,
+                                 len(run.train_loader.dataset) + len(run.val_loader.dataset))
+    network = None if network is model else network
     train_cache = compute_features(model, run.train_loader, run.placement, run.skipped,
-                                   'feature cache (train)')
+                                   'feature cache (train)', network)
     val_cache = train_cache and compute_features(model, run.val_loader, run.placement,
-                                                 run.skipped, 'feature cache (val)')
+                                                 run.skipped, 'feature cache (val)', network)
     if val_cache is None:
         print(f'feature cache off: the features would not fit in '
               f'{CACHE_LIMIT_BYTES / 2 ** 30:.0f} GiB of memory')
