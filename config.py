@@ -14,7 +14,7 @@ import warnings
 import torch
 
 from utils import distributed
-from utils.device import check_compile, resolve_bf16
+from utils.device import check_compile, keep_freed_memory, resolve_bf16
 from utils.errors import UserError
 from utils.visdom_server import DEFAULT_ENV, DEFAULT_PORT, DEFAULT_SERVER, check_server_url
 
@@ -170,9 +170,11 @@ def check_values(opt):
 
 
 def parse(kwargs, verbose=True):
-    """The options of every command: recipe, overrides, checks; under torchrun this
-    process joins the process group and gets its device."""
+    """The options of every command: recipe, overrides, checks. It also sets up the
+    process: malloc keeps freed memory (utils/device.py), and under torchrun the process
+    joins its group and gets its device."""
     opt = DefaultConfig()._parse(kwargs, verbose=verbose and distributed.rank_from_env() == 0)
+    keep_freed_memory()
     opt.device = distributed.setup(opt.use_gpu)
     opt.bf16 = resolve_bf16(opt.bf16, opt.device)
     if opt.compile:

@@ -356,12 +356,11 @@ class ShardSampler(data.Sampler):
         return len(self.indices)
 
 
-def keep_serving_on_stop_signals(worker_id):
-    """A loader worker. Ctrl-C, and the SIGTERM that systemd, Slurm or `docker stop` send
-    to the whole process group, are for the main process: it finishes its step, saves a
-    checkpoint and then shuts the workers down (they also exit when it dies)."""
+def ignore_sigint_in_worker(worker_id):
+    """Ctrl-C reaches the whole process group: workers keep serving batches while the
+    main process finishes its step and saves a checkpoint. SIGTERM keeps its default:
+    the workers die, and the main process (utils/interrupt.py) saves all the same."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def build_loader(dataset, batch_size, shuffle, num_workers, use_gpu=False, seed=0):
@@ -371,7 +370,7 @@ def build_loader(dataset, batch_size, shuffle, num_workers, use_gpu=False, seed=
     return data.DataLoader(dataset, batch_size=batch_size, sampler=sampler,
                            num_workers=num_workers, collate_fn=collate_skipping_bad,
                            pin_memory=use_gpu, persistent_workers=num_workers > 0,
-                           worker_init_fn=keep_serving_on_stop_signals)
+                           worker_init_fn=ignore_sigint_in_worker)
 
 
 class SkippedFiles:

@@ -65,7 +65,7 @@ def train_one_epoch(run, model, state, stop=None):
     model.train()
     meter = state.partial or ClassificationMeter()
     bar = Progress(run.train_loader, f'epoch {state.epoch}')
-    for images, targets, bad in bar:
+    for images, targets, bad in until_workers_lost(bar, stop):
         run.skipped.add(bad)
         state.images_done += len(bad) + (0 if images is None else len(images))
         if images is not None and len(images) >= 2:  # BatchNorm cannot train on one image
@@ -89,6 +89,22 @@ def train_one_epoch(run, model, state, stop=None):
         if distributed.any_rank(run.budget.exhausted(), run.placement.device):
             break  # --time_budget: what is left is for the last validation and checkpoint
     return meter
+
+
+def until_workers_lost(batches, stop):
+    """The loader's batches. After a stop signal, which usually kills the loader's
+    workers too, their loss ends the epoch (the run then saves) instead of raising."""
+    iterator = iter(batches)
+    while True:
+        try:
+            batch = next(iterator)
+        except StopIteration:
+            return
+        except RuntimeError as exc:
+            if stop is None or not stop.workers_lost(exc):
+                raise
+            return
+        yield batch
 
 
 def show_batch(run, images, targets, epoch):
@@ -150,8 +166,13 @@ def fit(run, stop):
             ending = time.monotonic()
             train_meter.all_reduce(run.placement.device)
             # the bare network: DDP's forward would sync buffers; ranks' shards differ in size
-            val_meter = evaluate(net, run.val_loader, run.placement,
-                                 run.skipped).all_reduce(run.placement.device)
+            try:
+                val_meter = evaluate(net, run.val_loader, run.placement,
+                                     run.skipped).all_reduce(run.placement.device)
+            except RuntimeError as exc:  # the stop signal killed the loader's workers too
+                if not stop.workers_lost(exc):
+                    raise
+                save_and_exit(run, state, train_meter, last, stop)
             check_images_seen(train_meter, val_meter, run)
             end_of_epoch(run, state, train_meter, val_meter, last, best)
             run.budget.measured_end(time.monotonic() - ending)

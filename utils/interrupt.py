@@ -11,7 +11,6 @@ class GracefulStop:
 
     def __init__(self):
         self.signum = None
-        self.batches_done = 0  # of the interrupted epoch, set by the train loop
         self.previous = {}
 
     def __enter__(self):
@@ -26,6 +25,12 @@ class GracefulStop:
     def handle(self, signum, frame):
         if self.signum == signal.SIGINT and signum == signal.SIGINT:
             raise KeyboardInterrupt
+        if self.signum is None:
+            # The same signal usually reaches the DataLoader workers too (Ctrl-C, or the
+            # SIGTERM of systemd, Slurm or `docker stop` to the process group). PyTorch's
+            # SIGCHLD handler would then raise "worker killed" anywhere, even while the
+            # checkpoint is being written; the loop handles dead workers itself from now on.
+            self.previous.setdefault(signal.SIGCHLD, signal.signal(signal.SIGCHLD, signal.SIG_DFL))
         self.signum = signum
         print(f'\n{signal.Signals(signum).name} received: finishing this step, then saving a '
               f'checkpoint (Ctrl-C again to abort at once)', file=sys.stderr, flush=True)
@@ -33,6 +38,11 @@ class GracefulStop:
     @property
     def requested(self):
         return self.signum is not None
+
+    def workers_lost(self, exc):
+        """True for the error a DataLoader raises when its workers died after a stop
+        was requested: the run then saves and exits as for any stop."""
+        return self.requested and isinstance(exc, RuntimeError) and 'DataLoader worker' in str(exc)
 
     @property
     def exit_code(self):
