@@ -1,0 +1,150 @@
+"""Each long phase of a run, timed with the share of CPU time spent in the kernel.
+
+    .venv/bin/python bench/phases.py [--images=1000] [--isa=both|native|avx2]
+
+Runs every phase twice: with the CPU's own instruction set, and limited to AVX2 the
+way most laptops are (ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2
+ATEN_CPU_CAPABILITY=avx2: no AMX, no AVX-512, no native bf16), each in a fresh
+process. Phases, on the first --images shared Kaggle photos (half cats, half dogs),
+all built through engine.builder as `train`, `val` and `test` build them:
+  decode      --preload's one-time decoding at 96 px
+  bare step   SmallResNet 96 px train step on one batch, repeated (the model alone)
+  train loop  one epoch of `fit`'s loop on the preloaded images (loader, meter, step)
+  val         the validation pass of the same model
+  features    frozen EfficientNetLite0 at 224 px, the feature cache (torch, then onnx)
+  test        EfficientNetLite0 224 px predictions on the same photos (torch, then onnx)
+Prints a markdown table: img/s, and the kernel's share of the CPU time (sys / (user + sys),
+children included).
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+SHARED_TRAIN = os.path.join(ROOT, '..', 'shared', 'data', 'dogcat', 'train')
+AVX2 = dict(ONEDNN_MAX_CPU_ISA='AVX2', MKL_ENABLE_INSTRUCTIONS='AVX2', ATEN_CPU_CAPABILITY='avx2')
+
+
+class Timer:
+    """Wall time and CPU times (this process and its children) of a block."""
+
+    def __enter__(self):
+        self.wall, self.cpu = time.perf_counter(), os.times()
+        return self
+
+    def __exit__(self, *exc):
+        end = os.times()
+        self.seconds = time.perf_counter() - self.wall
+        user = end.user - self.cpu.user + end.children_user - self.cpu.children_user
+        system = end.system - self.cpu.system + end.children_system - self.cpu.children_system
+        self.sys_share = system / max(user + system, 1e-9)
+
+    def row(self, images):
+        return dict(rate=images / self.seconds, sys=self.sys_share)
+
+
+def link_subset(folder, count):
+    """train/ with the first count/2 cats and dogs, test1/ with them as 1.jpg, 2.jpg, ...:
+    links, the photos stay where they are."""
+    for sub in ('train', 'test1'):
+        os.makedirs(os.path.join(folder, sub))
+    for label in ('cat', 'dog'):
+        for n in range(count // 2):
+            source = os.path.join(SHARED_TRAIN, f'{label}.{n}.jpg')
+            os.symlink(source, os.path.join(folder, 'train', f'{label}.{n}.jpg'))
+            number = 2 * n + 1 + (label == 'dog')
+            os.symlink(source, os.path.join(folder, 'test1', f'{number}.jpg'))
+    return folder
+
+
+def options(data, tmp, **extra):
+    return dict(dict(train_data_root=os.path.join(data, 'train'),
+                     test_data_root=os.path.join(data, 'test1'), vis=False, num_workers=0,
+                     checkpoint_dir=os.path.join(tmp, 'checkpoints')), **extra)
+
+
+def small_resnet_phases(data, tmp):
+    import config
+    from engine import builder
+    from engine.loop import TrainState, evaluate, train_one_epoch
+    opt = config.parse(options(data, tmp, recipe='cpu', max_epoch=1), verbose=False)
+    with Timer() as decode:
+        run = builder.for_training(opt, vis=False)
+    images, targets, _ = next(iter(run.train_loader))
+    with Timer() as bare:
+        for _ in range(6):
+            run.step(run.model, run.optimizer, run.criterion, images, targets, run.placement)
+    with Timer() as loop:
+        meter = train_one_epoch(run, run.model, TrainState())
+    with Timer() as val:
+        evaluate(run.model, run.val_loader, run.placement, run.skipped)
+    total = len(run.train_data) + len(run.val_data)  # both splits are decoded
+    return {'decode (--preload, 96 px)': decode.row(total),
+            'bare train step (SmallResNet 96 px, batch 64)': bare.row(6 * len(images)),
+            'train loop, one epoch (SmallResNet 96 px)': loop.row(meter.total),
+            'val (SmallResNet 96 px)': val.row(len(run.val_data))}
+
+
+def efficientnet_phases(data, tmp, engine):
+    import config
+    import main
+    from engine import builder
+    from engine.feature_cache import compute_features
+    from engine.onnx_engine import for_inference
+    opt = config.parse(options(data, tmp, recipe='pretrained', engine=engine), verbose=False)
+    run = builder.for_training(opt, vis=False)
+    network = for_inference(run)
+    network = None if network is run.model else network  # torch: the pre-hook path
+    with Timer() as features:
+        compute_features(run.model, run.train_loader, run.placement, run.skipped,
+                         network=network)
+    run.model.save(os.path.join(opt.checkpoint_dir, f'{opt.model}_best.pth'))
+    with Timer() as test:
+        rows = main.test(**options(data, tmp, recipe='pretrained', engine=engine,
+                                   result_file=os.path.join(tmp, 'result.csv')))
+    return {f'feature cache (EfficientNetLite0 224 px, {engine})': features.row(len(run.train_data)),
+            f'test (EfficientNetLite0 224 px, {engine})': test.row(len(rows))}
+
+
+def measure_here(images):
+    """Every phase in this process (one ISA); prints a JSON line."""
+    tmp = tempfile.mkdtemp(prefix='phases_')
+    data = link_subset(os.path.join(tmp, 'data'), images)
+    rows = small_resnet_phases(data, os.path.join(tmp, 'small'))
+    for engine in ('torch', 'onnx'):
+        rows.update(efficientnet_phases(data, os.path.join(tmp, engine), engine))
+    print(json.dumps(rows))
+
+
+def measure_in_child(images, env):
+    out = subprocess.run([sys.executable, __file__, '--images', str(images), '--child'],
+                         env=dict(os.environ, **env), capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main_():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('--images', type=int, default=1000)
+    parser.add_argument('--isa', default='both', choices=('both', 'native', 'avx2'))
+    parser.add_argument('--child', action='store_true', help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        return measure_here(args.images)
+    if not os.path.isdir(SHARED_TRAIN):
+        sys.exit(f'no shared images at {SHARED_TRAIN}')
+    runs = {isa: measure_in_child(args.images, {} if isa == 'native' else AVX2)
+            for isa in (('native', 'avx2') if args.isa == 'both' else (args.isa,))}
+    print(f'| phase ({args.images} photos) | ' + ' | '.join(f'{isa} img/s | {isa} sys %' for isa in runs) + ' |')
+    print('|---|' + '---|---|' * len(runs))
+    for phase in next(iter(runs.values())):
+        cells = ' | '.join(f'{r[phase]["rate"]:.1f} | {100 * r[phase]["sys"]:.0f}%' for r in runs.values())
+        print(f'| {phase} | {cells} |')
+
+
+if __name__ == '__main__':
+    main_()
