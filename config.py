@@ -67,6 +67,7 @@ class DefaultConfig:
     channels_last = True  # channels-last memory format: faster convolutions, same results
     compile = False  # torch.compile the model for training: fused kernels after a one-off compilation (on a CPU it needs a C++ compiler)
     bf16 = 'auto'  # bfloat16 autocast: auto (on where the hardware has it: CPUs with AMX/AVX512-BF16, Ampere+ GPUs; 2-4x faster there), True or False; numbers differ slightly from fp32
+    tta = 'none'  # test-time augmentation in val, test and predict: none, or flip (the mean of each image's and its mirror image's probabilities)
     engine = 'auto'  # network runner for val, test, predict and the feature cache: torch, onnx (ONNX Runtime on the CPU) or auto (ONNX Runtime when installed and >= 1.3x faster than torch for this model and size on 1,000+ images, measured once into <checkpoint_dir>/engine_choice.json); training is always torch
     print_freq = 20  # log the running loss every N batches
 
@@ -135,7 +136,7 @@ class DefaultConfig:
 # Allowed values, checked after every parse: (option, test, what the value must be).
 CHOICES = {'recipe': tuple(RECIPES), 'optimizer': ('adam', 'sgd', 'adamw'),
            'lr_schedule': ('loss', 'cosine'), 'init': ('kaiming', 'pytorch'),
-           'engine': ('torch', 'onnx', 'auto')}
+           'engine': ('torch', 'onnx', 'auto'), 'tta': ('none', 'flip')}
 RANGES = [
     ('lr', lambda v: v > 0, 'a learning rate > 0 (e.g. 1e-3)'),
     ('backbone_lr', lambda v: v is None or v >= 0, 'a learning rate >= 0 (e.g. 1e-4)'),

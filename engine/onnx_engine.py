@@ -17,6 +17,7 @@ import time
 import torch
 from torch import nn
 
+from engine.tta import with_tta
 from utils import distributed
 from utils.errors import UserError
 
@@ -160,9 +161,10 @@ def first_line(exc):
 
 
 def for_inference(run, images=None):
-    """What val and test call: run.model, or an OnnxNetwork of it (--engine)."""
+    """What val and test call: run.model, or an OnnxNetwork of it (--engine), with
+    --tta's augmentation around it."""
     count = len(run.val_data) if images is None else images
-    return choose(run.opt, run.model, run.placement, count)
+    return with_tta(choose(run.opt, run.model, run.placement, count), run.opt.tta)
 
 
 def choose(opt, model, placement, images):

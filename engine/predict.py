@@ -17,6 +17,7 @@ from torch.utils import data
 from data.dataset import (CLASSES, IMAGE_EXTENSIONS, Skipped, SkippedFiles,
                           collate_skipping_bad, default_transforms, load_or_skip)
 from engine import builder, onnx_engine
+from engine.tta import with_tta
 from utils import checkpoint
 from utils.errors import UserError
 from utils.progress import Progress
@@ -110,9 +111,10 @@ def predictor(opt, count):
         network = onnx_engine.OnnxNetwork(opt.load_model_path)
         print(f'{opt.load_model_path}: {network.model_name} on {network.image_size} px images, '
               f'in ONNX Runtime')
-        return network, where, network.image_size, network.input_mean, network.input_std
+        return (with_tta(network, opt.tta), where, network.image_size, network.input_mean,
+                network.input_std)
     model = builder.network(opt, where, trained=True).eval()
-    network = onnx_engine.choose(opt, model, where, count)
+    network = with_tta(onnx_engine.choose(opt, model, where, count), opt.tta)
     return network, where, opt.image_size, model.input_mean, model.input_std
 
 

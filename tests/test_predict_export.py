@@ -12,7 +12,10 @@ import numpy as np
 import pytest
 import torch
 
+import config
 import main
+from config import ConfigError
+from models import SmallResNet
 from data.dataset import DogCat, SkippedFiles, build_loader
 from engine import builder, onnx_engine
 from engine.feature_cache import compute_features
@@ -212,3 +215,23 @@ def test_bad_input_is_a_one_line_error(trained, striped_data, tmp_path, capsys, 
     assert stopped.value.code == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith('error:')]
     assert len(errors) == 1 and message in errors[0], errors
+
+
+def test_flip_tta_is_mirror_invariant_and_evaluates_like_plain(fast_options):
+    """--tta=flip averages an image's and its mirror image's probabilities: a mirrored
+    photo gets the same answer, and on the generated stripes (mirror-symmetric classes)
+    val stays as good as without it."""
+    from engine.tta import FlipAverage
+    main.train(**dict(fast_options, max_epoch=4, batch_size=8, lr=2e-3, bf16=False))
+    model = SmallResNet()
+    model.load(os.path.join(fast_options['checkpoint_dir'], 'SmallResNet_best.pth'))
+    network = FlipAverage(model.eval())
+    images = torch.randn(4, 3, 32, 32)
+    with torch.inference_mode():
+        assert torch.allclose(network(images), network(images.flip(-1)), atol=1e-5)
+        assert torch.allclose(network(images).exp().sum(1), torch.ones(4), atol=1e-5)
+    plain = main.val(**dict(fast_options, bf16=False))
+    flipped = main.val(**dict(fast_options, bf16=False, tta='flip'))
+    assert flipped.total == plain.total and flipped.accuracy_cm >= plain.accuracy_cm - 100 / 24
+    with pytest.raises(ConfigError, match="--tta must be one of none, flip, not 'five'"):
+        config.parse(dict(fast_options, tta='five'), verbose=False)
