@@ -73,6 +73,7 @@ class DefaultConfig:
 
     debug_file = None  # while this file exists, drop into the debugger (with a terminal only); default <checkpoint_dir>/debug
     result_file = 'result.csv'  # where test writes id,label (label = probability of dog)
+    clip = 0.0  # test's CSV: probabilities clipped to [clip, 1 - clip]; Kaggle's log loss punishes a confident mistake without bound (0.005 is a usual value)
     img = None  # image for the features command
     layers = None  # features: comma-separated layer names to show (default: the top-level ones)
 
@@ -146,6 +147,7 @@ RANGES = [
     ('lr_decay', lambda v: 0 < v <= 1, 'above 0 and at most 1 (the book uses 0.95; 1 never decays)'),
     ('label_smoothing', lambda v: 0 <= v < 1, 'at least 0 and below 1 (0.1 is usual)'),
     ('val_ratio', lambda v: 0 < v < 1, 'between 0 and 1 (e.g. 0.3)'),
+    ('clip', lambda v: 0 <= v < 0.5, 'at least 0 and below 0.5 (e.g. 0.005)'),
     ('seed', lambda v: 0 <= v < 2 ** 32, 'between 0 and 2**32 - 1'),
     ('num_workers', lambda v: v >= 0, 'at least 0 (0 loads images in the main process)'),
     ('image_size', lambda v: v >= 16, 'at least 16 pixels (224 for the ImageNet models)'),

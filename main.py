@@ -82,7 +82,7 @@ def test(**kwargs):
     rows = distributed.gather_to_main(rows)
     if not distributed.is_main():
         return None
-    write_csv(opt.result_file, sorted(rows))
+    write_csv(opt.result_file, sorted((i, min(max(p, opt.clip), 1 - opt.clip)) for i, p in rows))
     print(f'wrote {len(rows)} predictions to {opt.result_file}')
     if run.skipped.summary():
         warnings.warn(run.skipped.summary() + ': they have no row in the CSV')

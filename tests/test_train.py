@@ -241,3 +241,16 @@ def test_a_resumed_budget_only_has_what_is_left():
     assert 0.9 < budget.progress() < 1.0 and not budget.exhausted()
     assert TimeBudget(10, started=time.monotonic(), used=10 * 60).exhausted()
     assert not TimeBudget(None, started=0).exhausted()  # no budget: a clock only
+
+
+def test_clip_bounds_the_csv_probabilities(fast_options):
+    main.train(**dict(fast_options, max_epoch=2, batch_size=8, lr=2e-3))
+
+    def csv_rows(**extra):
+        main.test(**dict(fast_options, **extra))
+        with open(fast_options['result_file']) as f:
+            return [(int(i), float(p)) for i, p in list(csv.reader(f))[1:]]
+    plain, clipped = csv_rows(), csv_rows(clip=0.2)
+    assert [i for i, _ in clipped] == [i for i, _ in plain]
+    for (_, p), (_, q) in zip(plain, clipped):
+        assert q == pytest.approx(min(max(p, 0.2), 0.8), abs=1e-6)
