@@ -22,6 +22,7 @@ from torch.utils import data
 from torchvision import transforms as T
 
 from utils import distributed
+from utils.progress import Progress
 from utils.errors import UserError
 
 CLASSES = ('cat', 'dog')  # label 0 = cat, 1 = dog
@@ -202,7 +203,8 @@ def decode_in_processes(jobs, processes):
     pool = ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context('fork'),
                                initializer=init_decoder)
     try:
-        return list(pool.map(decode_array, jobs, chunksize=64))
+        return list(Progress(pool.map(decode_array, jobs, chunksize=64), 'decoding (--preload)',
+                             total=len(jobs), unit='images'))
     except BrokenProcessPool as exc:
         raise DataError('decoding the images for --preload stopped: a decoding process died '
                         '(killed by a signal, or out of memory). Run again with '
@@ -295,7 +297,7 @@ class DogCat(data.Dataset):
         processes = max(num_workers, len(os.sched_getaffinity(0)) // ranks_here)
         if processes > 1:
             return [as_tensor(decoded) for decoded in decode_in_processes(jobs, processes)]
-        return [decode_small(job) for job in jobs]
+        return [decode_small(job) for job in Progress(jobs, 'decoding (--preload)', unit='images')]
 
     def __getitem__(self, index):
         """(image tensor, label) in train/val mode, (image tensor, id) in test mode."""

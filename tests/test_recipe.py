@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import main
+from conftest import ROOT
 from engine.schedules import warmup_cosine_factor
 from data.dataset import DogCat, SkippedFiles, Skipped, build_loader
 from data.synthetic import make_labelled_images
@@ -89,3 +90,23 @@ def test_the_cpu_recipe_learns(fast_options, capfd):
     assert max(r['val_acc_cm'] for r in history) >= 90.0
     assert history[-1]['lrs'][0] < 0.1 * 3e-3  # cosine reached the bottom
     assert all(r['lrs'][0] > 0 for r in history)
+
+
+def test_long_phases_report_progress_in_a_log_file(tmp_path):
+    """Without a terminal (a log file, a pipe), decoding and each epoch print a plain
+    progress line at most every few seconds: a newcomer never watches a silent log."""
+    make_labelled_images(str(tmp_path / 'train'), 40, size=64)
+    script = (f'import sys; sys.path.insert(0, {ROOT!r})\n'
+              f'import utils.progress; utils.progress.EVERY = 0  # every batch, not every 10 s\n'
+              f'import main\n'
+              f'main.train(train_data_root={str(tmp_path / "train")!r}, model="SmallResNet", '
+              f'image_size=32, batch_size=8, max_epoch=1, num_workers=0, preload=True, vis=False, '
+              f'checkpoint_dir={str(tmp_path / "checkpoints")!r})\n')
+    result = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = result.stderr.splitlines()
+    assert any(l.startswith('decoding (--preload): ') and 'images/s' in l for l in lines)
+    assert any(l.startswith('epoch 0: ') and 'batches/s' in l and 'ETA' in l for l in lines)
+    assert any(l.startswith('validation: ') for l in lines)
+    assert '\r' not in result.stderr

@@ -11,13 +11,16 @@ from tqdm import tqdm
 
 from utils import distributed
 
+EVERY = 10.0  # seconds between two plain progress lines
+
 
 class Progress:
     """An iterable wrapper: `for x in Progress(loader, 'epoch 3'): ...`, and
     `.note(loss=...)` to show running figures."""
 
-    def __init__(self, iterable, desc, total=None, unit='batches', every=10.0, stream=None):
-        self.iterable, self.desc, self.unit, self.every = iterable, desc, unit, every
+    def __init__(self, iterable, desc, total=None, unit='batches', every=None, stream=None):
+        self.iterable, self.desc, self.unit = iterable, desc, unit
+        self.every = EVERY if every is None else every
         self.total = total if total is not None else _length(iterable)
         self.stream = stream or sys.stderr
         self.enabled = distributed.is_main()
