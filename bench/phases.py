@@ -26,7 +26,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-SHARED_TRAIN = os.path.join(ROOT, '..', 'shared', 'data', 'dogcat', 'train')
+from bench.shared import SHARED_TRAIN  # noqa: E402
 AVX2 = dict(ONEDNN_MAX_CPU_ISA='AVX2', MKL_ENABLE_INSTRUCTIONS='AVX2', ATEN_CPU_CAPABILITY='avx2')
 
 
@@ -48,7 +48,7 @@ class Timer:
         return dict(rate=images / self.seconds, sys=self.sys_share)
 
 
-def link_subset(folder, count):
+def link_train_and_test(folder, count):
     """train/ with the first count/2 cats and dogs, test1/ with them as 1.jpg, 2.jpg, ...:
     links, the photos stay where they are."""
     for sub in ('train', 'test1'):
@@ -114,7 +114,7 @@ def efficientnet_phases(data, tmp, engine):
 def measure_here(images):
     """Every phase in this process (one ISA); prints a JSON line."""
     tmp = tempfile.mkdtemp(prefix='phases_')
-    data = link_subset(os.path.join(tmp, 'data'), images)
+    data = link_train_and_test(os.path.join(tmp, 'data'), images)
     rows = small_resnet_phases(data, os.path.join(tmp, 'small'))
     for engine in ('torch', 'onnx'):
         rows.update(efficientnet_phases(data, os.path.join(tmp, engine), engine))

@@ -35,7 +35,7 @@ from data.dataset import (decode_small, load_rgb,  # noqa: E402
                           preload_size, preloaded_transforms)
 from models import build_model  # noqa: E402
 
-SHARED = os.path.join(ROOT, '..', 'shared', 'data', 'dogcat', 'train')
+from bench.shared import SHARED_TRAIN as SHARED  # noqa: E402
 
 
 def median_rate(fn, items, repeats):

@@ -21,12 +21,12 @@ import fire
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import config  # noqa: E402
 import main  # noqa: E402
+from bench.shared import SHARED_TRAIN  # noqa: E402
 
-DATA = os.path.join(os.path.dirname(__file__), '..', '..', 'shared', 'data', 'dogcat', 'train')
 THRESHOLDS = (80, 85, 90, 92, 93)
 
 
-def run(recipe='cpu', data=DATA, minutes=None, **overrides):
+def run(recipe='cpu', data=SHARED_TRAIN, minutes=None, **overrides):
     options = dict(num_workers=2, vis=False, checkpoint_dir=f'/tmp/tta_{recipe}',
                    debug_file='/nonexistent', train_data_root=data)
     options.update(recipe=recipe, **overrides)

@@ -8,7 +8,7 @@ sys.path.insert(0, ROOT)
 
 from data.synthetic import make_labelled_images, make_test_images  # noqa: E402
 
-SHARED_DATA = os.path.join(ROOT, '..', 'shared', 'data', 'dogcat')
+from bench.shared import SHARED_DATA  # noqa: E402  (one definition, with the benches)
 
 
 @pytest.fixture(scope='session')

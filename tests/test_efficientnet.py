@@ -8,6 +8,7 @@ import urllib.error
 import pytest
 import torch
 
+from bench.shared import link_subset
 from models import EfficientNetLite0, EfficientNetLite1, EfficientNetLite2
 from models.efficientnet_lite import packaged_weights_path, timm_key, to_timm_state_dict
 from utils.checkpoint import CheckpointError
@@ -72,23 +73,13 @@ def test_another_variants_weights_name_both_models(tmp_path):
         EfficientNetLite1(weights=packaged_weights_path('lite0'))
 
 
-def shared_subset(shared_train, folder, start, count):
-    """Links to cat.N/dog.N for N in [start, start + count): a small Kaggle-style folder."""
-    os.makedirs(folder)
-    for label in ('cat', 'dog'):
-        for n in range(start, start + count):
-            name = f'{label}.{n}.jpg'
-            os.symlink(os.path.join(shared_train, name), os.path.join(folder, name))
-    return str(folder)
-
-
 @pytest.mark.parametrize('cls', LITE_MODELS, ids=lambda c: c.__name__)
 def test_imagenet_head_knows_cats_from_dogs(shared_train, tmp_path, cls):
     """The packaged ImageNet classifier, unchanged, at the size it was trained at:
     cats land in classes 281-285, dogs in the breeds 151-268."""
     from data.dataset import DogCat
     model = cls(num_classes=1000).eval()
-    folder = shared_subset(shared_train, tmp_path / 'sample', 7000, 10)
+    folder = link_subset(str(tmp_path / 'sample'), 20, start=7000)
     images = DogCat(folder, mode='val', val_ratio=0.999, image_size=cls.native_size,
                     mean=model.input_mean, std=model.input_std)
     batch = torch.stack([images[i][0] for i in range(len(images))])
@@ -103,7 +94,7 @@ def test_lite0_fine_tunes_to_90_percent_on_shared_images(shared_train, tmp_path)
     """A frozen ImageNet backbone and a fresh linear head on 300 real photos at 128 px:
     features computed once, then 10 quick epochs on the cache."""
     import main  # the whole CLI stack: imported only by this end-to-end test
-    folder = shared_subset(shared_train, tmp_path / 'train', 0, 150)
+    folder = link_subset(str(tmp_path / 'train'), 300)
     result = main.train(train_data_root=folder, model='EfficientNetLite0', freeze=True,
                         augment=False, image_size=128, batch_size=32, max_epoch=10,
                         optimizer='adam', lr=1e-3, num_workers=0, vis=False,
