@@ -5,6 +5,7 @@
     python main.py test --load_model_path=checkpoints/ResNet34_best.pth
     python main.py doctor [--option=value ...]   # why is a run stuck at 50%?
     python main.py demo        # generated images, no download needed
+    python main.py interpret   # worst validation mistakes + Grad-CAM: checkpoints/interpret/
     python main.py features --img=PATH [--layers=conv1,layer1] [--load_model_path=...]
     python main.py predict PHOTO|FOLDER|"GLOB" [...] [--result_file=x.csv] [--engine=onnx]
     python main.py export      # checkpoints/<model>.onnx, for ONNX Runtime
@@ -22,9 +23,10 @@ import torch
 
 import config
 from data.synthetic import make_labelled_images, make_test_images
-from doctor import run_doctor
+from doctor import live_visualizer, run_doctor
 from doctor.layers import describe_layers
 from engine import builder, onnx_engine
+from engine import interpret as top_losses
 from engine import predict as after_training
 from engine.loop import evaluate, fit
 from utils import distributed
@@ -132,6 +134,13 @@ def demo(**kwargs):
     return state
 
 
+def interpret(**kwargs):
+    """The most confidently misclassified validation images (val's options) with Grad-CAM
+    overlays: to Visdom when a server runs, always to <checkpoint_dir>/interpret/."""
+    opt = config.parse(kwargs)
+    return top_losses.interpret(builder.for_evaluation(opt, 'val'), live_visualizer(opt))
+
+
 def doctor(**kwargs):
     """Why is a run stuck at 50%? Run the checklist on the objects train would build
     from the same options; exit status 1 when a check fails."""
@@ -181,7 +190,7 @@ def help(markdown=False):
 
 COMMANDS = {'train': train, 'val': val, 'test': test, 'demo': demo, 'doctor': doctor,
             'features': features, 'replay': replay, 'visdom_setup': visdom_setup,
-            'predict': predict, 'export': export, 'help': help}
+            'predict': predict, 'export': export, 'interpret': interpret, 'help': help}
 
 
 def check_no_stray_words(argv):

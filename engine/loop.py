@@ -16,6 +16,7 @@ from torch import nn
 
 from data.dataset import CLASSES
 from engine.feature_cache import use_cached_features
+from engine.interpret import TopMistakes, epoch_mistakes, in_order_batches
 from engine.report import epoch_record, report_epoch
 from utils import checkpoint, distributed
 from utils.errors import UserError
@@ -133,17 +134,23 @@ def debug_hook(debug_file):
 
 
 @torch.inference_mode()
-def evaluate(model, loader, placement, skipped, desc='validation'):
-    """One pass without gradients: the meter of scores against labels."""
+def evaluate(model, loader, placement, skipped, desc='validation', mistakes=None):
+    """One pass without gradients: the meter of scores against labels. `mistakes` (a
+    TopMistakes, engine/interpret.py) also keeps the worst misclassified images: the
+    loader batches its in-order sampler, so each batch's dataset indices are known."""
     model.eval()
     meter = ClassificationMeter()
     criterion = nn.CrossEntropyLoss()
+    batches = in_order_batches(loader) if mistakes is not None else None
     for images, targets, bad in Progress(loader, desc):
+        indices = next(batches, None) if batches is not None else None
         skipped.add(bad)
         if images is None:
             continue
         scores = placement.forward(model, images)
         meter.add(scores, targets, criterion(scores.cpu(), targets).item())
+        if mistakes is not None:
+            mistakes.add(indices, bad, scores, targets)
     return meter
 
 
@@ -165,16 +172,18 @@ def fit(run, stop):
                 save_and_exit(run, state, train_meter, last, stop)
             ending = time.monotonic()
             train_meter.all_reduce(run.placement.device)
+            # --vis, not run.vis (rank 0's only): every rank takes part in gathering them
+            mistakes = TopMistakes(run.val_data.samples) if run.opt.vis else None
             # the bare network: DDP's forward would sync buffers; ranks' shards differ in size
             try:
-                val_meter = evaluate(net, run.val_loader, run.placement,
-                                     run.skipped).all_reduce(run.placement.device)
+                val_meter = evaluate(net, run.val_loader, run.placement, run.skipped,
+                                     mistakes=mistakes).all_reduce(run.placement.device)
             except RuntimeError as exc:  # the stop signal killed the loader's workers too
                 if not stop.workers_lost(exc):
                     raise
                 save_and_exit(run, state, train_meter, last, stop)
             check_images_seen(train_meter, val_meter, run)
-            end_of_epoch(run, state, train_meter, val_meter, last, best)
+            end_of_epoch(run, state, train_meter, val_meter, last, best, mistakes)
             run.budget.measured_end(time.monotonic() - ending)
     if run.skipped.summary():
         warnings.warn(run.skipped.summary())
@@ -209,12 +218,15 @@ def check_images_seen(train_meter, val_meter, run):
                             f'unreadable (see the warnings above) in {run.opt.train_data_root}')
 
 
-def end_of_epoch(run, state, train_meter, val_meter, last, best):
-    """Report, adjust the learning rate, remember the best, save."""
+def end_of_epoch(run, state, train_meter, val_meter, last, best, mistakes=None):
+    """Report (with the most confident mistakes in Visdom), adjust the learning rate,
+    remember the best, save."""
     lrs = state.lrs or [group['lr'] for group in run.optimizer.param_groups]
     state.history.append(epoch_record(state.epoch, lrs, train_meter, val_meter))
     if distributed.is_main():
         report_epoch(state.history, lrs, train_meter, val_meter, run.vis)
+    if mistakes is not None:  # every rank: gathering them is a collective call
+        epoch_mistakes(run, mistakes, val_meter, state.epoch)
     if not run.scheduler.per_step:  # every rank sees the same reduced loss: same decision
         previous, loss = run.scheduler.previous_loss, train_meter.mean_loss
         run.scheduler.step(loss)

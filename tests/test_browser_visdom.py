@@ -3,12 +3,13 @@ DOM that headless Debian Chromium renders, with every request kept on the machin
 
 Chromium is driven over the DevTools protocol with websocket-client (a visdom
 dependency), so nothing downloads a browser or a driver. `./run.sh test` installs the
-chromium package when it is missing. VISDOM_SCREENSHOT=docs/visdom.png keeps the
-screenshot (the README's).
+chromium package when it is missing. VISDOM_SCREENSHOT=PATH keeps the screenshot (the
+README's comes from a demo run, see its Visdom section).
 """
 import base64
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -157,12 +158,13 @@ def test_training_page_shows_every_pane(offline_server, fast_options, tmp_path):
         browser.call('Emulation.setDeviceMetricsOverride', width=1400, height=1200,
                      deviceScaleFactor=1, mobile=False)
         browser.call('Page.navigate', url=f'http://localhost:{port}/env/browser')
-        # all seven panes, the plots drawn, the grid decoded, and the last epoch's log line
-        # (sent last, in order: everything before it has arrived)
-        ready = ('document.querySelectorAll(".window").length >= 7 && '
+        # all eight panes, the plots drawn, the grid decoded, and the last epoch's log line
+        # (the mistakes follow it, so wait for their pane's image too)
+        ready = ('document.querySelectorAll(".window").length >= 8 && '
                  'document.querySelectorAll(".js-plotly-plot .main-svg").length >= 5 && '
                  'Array.from(document.images).some(i => i.complete && i.naturalWidth > 0) && '
-                 '(document.body.innerText.match(/epoch:1,/g) || []).length == 1')
+                 '(document.body.innerText.match(/epoch:1,/g) || []).length == 1 && '
+                 'document.body.innerText.includes("epoch 1: most confident mistakes")')
         assert browser.wait_for(ready), browser.evaluate('document.body.innerHTML.slice(0, 2000)')
         browser.wait_until_still('JSON.stringify(Array.from(document.querySelectorAll(".window"))'
                                  '.map(w => w.getBoundingClientRect()))')
@@ -189,11 +191,23 @@ def test_training_page_shows_every_pane(offline_server, fast_options, tmp_path):
     assert grid['images'] == [True] and 'cat' in grid['caption'] and 'dog' in grid['caption']
     epochs = [line for line in panes['log']['lines'] if 'epoch:' in line]
     assert len(epochs) == 2 and all('val_acc(cm/count)' in line for line in epochs), panes['log']
+    check_mistakes_pane(panes, epochs[-1])
 
     local = f'http://localhost:{port}/'
     outside = [u for u in browser.requests if not u.startswith((local, 'data:', 'blob:'))]
     assert not outside, f'the page reached outside the machine: {outside}'
     assert 'Downloading' not in server_log.read_text()
+
+
+def check_mistakes_pane(panes, last_epoch):
+    """The last validation's most confident mistakes: one gallery image, decoded, with
+    as many of them as the epoch's confusion matrix has off its diagonal (up to 16)."""
+    (title,) = [t for t in panes if t.startswith('epoch 1: most confident mistakes')]
+    cm = json.loads(re.search(r'val_cm:(\[\[.*?\]\])', last_epoch).group(1))
+    wrong = cm[0][1] + cm[1][0]
+    assert wrong > 0, f'no mistake to show after two short epochs: {last_epoch}'
+    assert title == f'epoch 1: most confident mistakes ({min(wrong, 16)} of {wrong}, by loss)'
+    assert panes[title]['images'] == [True], panes[title]
 
 
 def check_confusion_counts(pane, val_per_class):
