@@ -1,29 +1,35 @@
-"""Checks that train copies of the model: the LR range test and overfitting one batch."""
+"""Checks that train copies of the model: the LR range test, and overfitting one small
+batch at the configured options; when the loss will not fall, ablation names why."""
+import copy
 import math
-import os
 
 import numpy as np
-import torch
-from PIL import Image, ImageDraw
 
-from data.dataset import CLASSES
-from doctor.common import FAIL, LN2, PASS, WARN, Result, copy_training, set_lr
+from doctor.ablation import (as_configured, balanced_subset, find_culprit, fit_batch, learnt,
+                             overfit_goal)
+from doctor.common import FAIL, PASS, WARN, Result, configured_lr, copy_training, set_lr
+from doctor.plots import plot_range
+from engine import builder
 
-# 7. Learning rate -------------------------------------------------------------------
+STUCK_FIX = ('the model cannot learn at any LR: fix the failing checks above (gradient flow, '
+             'logits, initialisation) first')
 
-def lr_range_test(model, optimizer, criterion, step, batches, lr_min=1e-5, lr_max=1.0,
-                  steps=17, max_images=16):
+
+# Learning rate -----------------------------------------------------------------------
+
+def lr_range_test(ctx, optimizer=None, lr_min=1e-5, lr_max=1.0, steps=17, max_images=16):
     """Train a copy with the LR rising exponentially from lr_min to lr_max, one batch per
     LR, until the loss turns clearly worse than at the start. Returns the LRs, the losses,
     the smoothed losses and the LR at which it diverged (None if it never did)."""
-    model, optimizer = copy_training(model, optimizer)
+    model, optimizer = copy_training(ctx.run.model, optimizer or ctx.run.optimizer)
     base_lrs = [g['lr'] for g in optimizer.param_groups]
     lrs, losses, smoothed, average = [], [], [], 0.0
     for i in range(steps):
         lr = lr_min * (lr_max / lr_min) ** (i / (steps - 1))
         set_lr(optimizer, lr, base_lrs)
-        images, targets = batches[i % len(batches)]
-        loss = step(model, optimizer, criterion, images[:max_images], targets[:max_images])
+        images, targets = ctx.batches[i % len(ctx.batches)]
+        loss = ctx.step(model, optimizer, ctx.run.criterion, images[:max_images],
+                        targets[:max_images])
         if not math.isfinite(loss):
             return lrs, losses, smoothed, lr
         average = 0.6 * average + 0.4 * loss  # bias-corrected exponential moving average
@@ -52,126 +58,103 @@ def analyse_range(lrs, smoothed):
     return lrs[best] / 10, (lrs[onset] / 10, min(3 * lrs[best], worse))
 
 
-def check_learning_rate(model, optimizer, criterion, step, batches, opt, out_dir, vis=None,
-                        make_optimizer=None, steps=17):
-    """LR range test with the configured optimizer; where the configured LR is off, a second
-    test with the other optimizer (Adam vs SGD with momentum) says which one to use."""
-    lr = optimizer.param_groups[0]['lr']
-    lrs, losses, smoothed, diverged = lr_range_test(model, optimizer, criterion, step, batches,
-                                                    steps=steps)
+def culprit_fix(ctx, lr):
+    """The fix ablation finds for a loss that will not fall, or the generic one."""
+    images, targets = balanced_subset(ctx.batches, 8)
+    found = find_culprit(ctx, images, targets, overfit_goal(ctx), lr)
+    if found is None:
+        return 'no single change among the options and components tried lets it learn: ' \
+               + STUCK_FIX, None
+    what, fix, losses = found
+    return fix, (f'with {what} 8 images are learnt (loss {losses[0]:.3f} -> {losses[-1]:.3f} '
+                 f'in {len(losses)} steps)')
+
+
+def never_fell(ctx, name, lrs, smoothed, where, data):
+    fix, found = culprit_fix(ctx, configured_lr(ctx.run.optimizer.param_groups[0]))
+    evidence = (f'{name}: the loss never fell over lr {lrs[0]:.0e}..{lrs[-1]:.0e} '
+                f'({smoothed[0]:.3f} -> {min(smoothed):.3f}); plot {where}'
+                + (f'; {found}' if found else ''))
+    return Result('learning rate', FAIL, evidence, fix, data)
+
+
+def other_optimizer(ctx, data, smoothed, evidence, fix):
+    """Where the configured LR is off: does the other optimizer (Adam vs SGD with
+    momentum) do better in the same quick test?"""
+    opt = ctx.run.opt
+    other = 'sgd' if opt.optimizer == 'adam' else 'adam'
+    variant = copy.copy(opt)
+    variant.optimizer = other
+    o_lrs, _, o_smoothed, _ = lr_range_test(ctx, builder.optimizer(variant, ctx.run.model))
+    o_suggested, o_band = analyse_range(o_lrs, o_smoothed)
+    data['alternative'] = dict(optimizer=other, suggested=o_suggested,
+                               best=min(o_smoothed, default=math.inf))
+    if o_band is None:
+        return evidence, fix
+    favoured = other if min(o_smoothed) < min(smoothed) else opt.optimizer
+    evidence += (f'; {other} reaches loss {min(o_smoothed):.3f} (suggested lr {o_suggested:.2g}) '
+                 f'vs {min(smoothed):.3f}: the quick test favours {favoured}')
+    if favoured == other:
+        fix += f', or --optimizer={other} --lr={o_suggested:.2g}'
+    return evidence, fix
+
+
+def check_learning_rate(ctx):
+    """LR range test with the configured optimizer, loss and step; where the configured
+    LR is off, a second test with the other optimizer says which one to use."""
+    opt, lr = ctx.run.opt, configured_lr(ctx.run.optimizer.param_groups[0])
+    lrs, losses, smoothed, diverged = lr_range_test(ctx)
     suggested, band = analyse_range(lrs, smoothed)
-    name = f'{opt.optimizer}' + (f' (momentum {opt.momentum})' if opt.optimizer == 'sgd' else '')
+    name = opt.optimizer + (f' (momentum {opt.momentum})' if opt.optimizer == 'sgd' else '')
+    data = dict(lrs=lrs, losses=losses, suggested=suggested, band=band, diverged=diverged)
     if len(smoothed) < 3:
-        return Result('learning rate', FAIL, f'{name}: the loss is NaN/inf from lr {diverged:.0e} on',
-                      'the model cannot learn at any LR: fix the failing checks above first',
-                      dict(lrs=lrs, losses=losses, band=None, suggested=None, diverged=diverged))
-    where = plot_range(lrs, losses, smoothed, lr, band, suggested, out_dir, vis, opt.optimizer)
-    data = dict(lrs=lrs, losses=losses, suggested=suggested, band=band, diverged=diverged,
-                plot=where)
+        return Result('learning rate', FAIL, f'{name}: the loss is NaN/inf from lr '
+                      f'{diverged:.0e} on', STUCK_FIX, data)
+    data['plot'] = where = plot_range(lrs, losses, smoothed, lr, band, suggested, ctx.out_dir,
+                                      ctx.run.vis, opt.optimizer)
     if band is None:
-        return Result('learning rate', FAIL,
-                      f'{name}: the loss never fell over lr {lrs[0]:.0e}..{lrs[-1]:.0e} '
-                      f'({smoothed[0]:.3f} -> {min(smoothed):.3f}); plot {where}',
-                      'the model cannot learn at any LR: fix the failing checks above '
-                      '(gradient flow, logits, initialisation) first', data)
+        return never_fell(ctx, name, lrs, smoothed, where, data)
     evidence = (f'{name} at lr {lr:.3g}: usable band {band[0]:.2g}..{band[1]:.2g}, suggested '
                 f'{suggested:.2g}, loss {smoothed[0]:.3f} -> {min(smoothed):.3f}'
                 + (f', diverges from {diverged:.2g}' if diverged else '') + f'; plot {where}')
     if band[0] <= lr <= band[1]:
         return Result('learning rate', PASS, evidence, data=data)
+    earlier = next((r.name for r in ctx.results.values() if r.status == FAIL), None)
+    if earlier:  # a band measured with a broken loss or step suggests nothing
+        return Result('learning rate', WARN, evidence + f'; measured with the {earlier} FAIL '
+                      f'above', f'fix the {earlier} FAIL first, then run the doctor again', data)
     absurd = lr > 10 * band[1] or lr < band[0] / 100 or (diverged is not None and lr >= diverged)
-    fix = f'--lr={suggested:.2g}'
-    if make_optimizer is not None:
-        other = 'sgd' if opt.optimizer == 'adam' else 'adam'
-        o_lrs, _, o_smoothed, _ = lr_range_test(model, make_optimizer(other), criterion, step,
-                                                batches, steps=steps)
-        o_suggested, o_band = analyse_range(o_lrs, o_smoothed)
-        data['alternative'] = dict(optimizer=other, suggested=o_suggested,
-                                   best=min(o_smoothed, default=math.inf))
-        if o_band is not None:
-            favoured = other if min(o_smoothed) < min(smoothed) else opt.optimizer
-            evidence += (f'; {other} reaches loss {min(o_smoothed):.3f} (suggested lr '
-                         f'{o_suggested:.2g}) vs {min(smoothed):.3f}: the quick test favours {favoured}')
-            if favoured == other:
-                fix += f', or --optimizer={other} --lr={o_suggested:.2g}'
+    evidence, fix = other_optimizer(ctx, data, smoothed, evidence, f'--lr={suggested:.2g}')
     return Result('learning rate', FAIL if absurd else WARN, evidence, fix, data)
 
 
-def plot_range(lrs, losses, smoothed, lr, band, suggested, out_dir, vis, optimizer_name):
-    """The range test as a PNG (log LR against loss), and to Visdom when it runs."""
-    os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, 'lr_range_test.png')
-    width, height, margin = 640, 400, 50
-    img = Image.new('RGB', (width, height), 'white')
-    draw = ImageDraw.Draw(img)
-    x_lo, x_hi = math.log10(min(lrs + [lr])), math.log10(max(lrs + [lr]))
-    finite = [v for v in losses + smoothed if math.isfinite(v)]
-    y_lo, y_hi = min(finite), max(finite)
+# Overfit one batch -------------------------------------------------------------------
 
-    def xy(x, y):
-        px = margin + (math.log10(x) - x_lo) / max(x_hi - x_lo, 1e-9) * (width - 2 * margin)
-        py = height - margin - (y - y_lo) / max(y_hi - y_lo, 1e-9) * (height - 2 * margin)
-        return px, py
-
-    if band is not None:
-        draw.rectangle([xy(band[0], y_hi)[0], margin, xy(band[1], y_lo)[0], height - margin],
-                       fill=(225, 245, 225))
-    draw.rectangle([margin, margin, width - margin, height - margin], outline='black')
-    for decade in range(math.ceil(x_lo), math.floor(x_hi) + 1):
-        px, _ = xy(10 ** decade, y_lo)
-        draw.line([px, height - margin, px, height - margin + 5], fill='black')
-        draw.text((px - 12, height - margin + 8), f'1e{decade}', fill='black')
-    for value in (y_lo, y_hi):
-        draw.text((5, xy(lrs[0], value)[1] - 5), f'{value:.3f}', fill='black')
-    draw.line([xy(a, b) for a, b in zip(lrs, losses)], fill=(160, 160, 220), width=1)
-    draw.line([xy(a, b) for a, b in zip(lrs, smoothed)], fill='blue', width=2)
-    draw.line([xy(lr, y_lo), xy(lr, y_hi)], fill='red', width=2)
-    if suggested is not None:
-        draw.line([xy(suggested, y_lo), xy(suggested, y_hi)], fill='green', width=2)
-    draw.text((margin, 15), f'LR range test ({optimizer_name}): loss against learning rate; red = '
-              f'configured, green = suggested, shaded = usable band', fill='black')
-    img.save(path)
-    if vis is not None:
-        vis.vis.line(X=np.array(lrs), Y=np.array(smoothed), win='doctor: lr range test',
-                     opts=dict(title=f'LR range test ({optimizer_name})', xtype='log',
-                               xlabel='learning rate', ylabel='loss (smoothed)'))
-        return f'{path} and Visdom env {vis.env!r}'
-    return path
+def describe(losses, lr, goal):
+    return (f'lr {lr:.2g}: loss {losses[0]:.3f} -> {losses[-1]:.3f} in {len(losses)} steps '
+            f'(goal < {goal:.3f})')
 
 
-# 8. Can it learn at all -------------------------------------------------------------
-
-def balanced_subset(batches, size):
-    """Up to `size` images with the classes as even as the batches allow."""
-    images = torch.cat([x for x, _ in batches])
-    targets = torch.cat([t for _, t in batches])
-    per_class = [torch.nonzero(targets == c).flatten() for c in range(len(CLASSES))]
-    order = [int(i) for pair in zip(*per_class) for i in pair]
-    order += [int(i) for i in range(len(targets)) if i not in set(order)]
-    chosen = torch.tensor(order[:size])
-    return images[chosen], targets[chosen]
-
-
-def check_overfit(model, optimizer, criterion, step, images, targets, lr=None, max_steps=60,
-                  goal=LN2 / 4):
-    """Overfit one small batch: the loss must fall well below ln 2 within max_steps."""
-    model, optimizer = copy_training(model, optimizer)
-    if lr is not None:
-        set_lr(optimizer, lr, [g['lr'] for g in optimizer.param_groups])
-    losses = []
-    for _ in range(max_steps):
-        losses.append(step(model, optimizer, criterion, images, targets))
-        if not math.isfinite(losses[-1]) or losses[-1] < goal:
-            break
-    at_lr = optimizer.param_groups[0]['lr']
-    evidence = (f'{len(targets)} images ({int(targets.sum())} dogs), lr {at_lr:.2g}: loss '
-                f'{losses[0]:.3f} -> {losses[-1]:.3f} in {len(losses)} steps (goal < {goal:.3f})')
-    data = dict(losses=losses, steps=len(losses))
-    if math.isfinite(losses[-1]) and losses[-1] < goal:
+def check_overfit(ctx, size=8, max_steps=40):
+    """Overfit one small batch as train would run it (configured LR, weight decay, loss
+    and step); if that fails, at the suggested LR; if that fails too, by ablation."""
+    images, targets = balanced_subset(ctx.batches, size)
+    goal, configured = overfit_goal(ctx), as_configured(ctx)
+    losses = fit_batch(configured, images, targets, goal, max_steps)
+    decay = max(g.get('weight_decay', 0) for g in configured.optimizer.param_groups)
+    evidence = (f'{len(targets)} images ({int(targets.sum())} dogs) as configured (weight decay '
+                f'{decay:g}), ' + describe(losses, configured.lr, goal))
+    data = dict(losses=losses, steps=len(losses), goal=goal)
+    if learnt(losses, goal):
         return Result('overfit batch', PASS, evidence, data=data)
-    return Result('overfit batch', FAIL, evidence,
-                  'the model/loss/optimizer wiring is broken whatever the data: fix the FAILs '
-                  'above; a CrossEntropyLoss on raw logits, a step that calls backward() and '
-                  'step(), and a sane --lr must fit 8 images', data)
-
-
+    lr_result = ctx.result('learning rate')
+    suggested = lr_result.data.get('suggested') if lr_result is not None else None
+    if suggested and not 0.5 < suggested / configured.lr < 2:
+        at_suggested = fit_batch(as_configured(ctx, suggested), images, targets, goal, max_steps)
+        evidence += '; at the suggested ' + describe(at_suggested, suggested, goal)
+        if learnt(at_suggested, goal):
+            fell = losses[-1] < losses[0] - 0.3 * (losses[0] - goal)
+            return Result('overfit batch', WARN if fell else FAIL, evidence,
+                          f'--lr={suggested:.2g}', data)
+    fix, found = culprit_fix(ctx, suggested or configured.lr)
+    return Result('overfit batch', FAIL, evidence + (f'; {found}' if found else ''), fix, data)
