@@ -27,8 +27,7 @@ THRESHOLDS = (80, 85, 90, 92, 93)
 
 
 def run(recipe='cpu', data=SHARED_TRAIN, minutes=None, **overrides):
-    options = dict(num_workers=2, vis=False, checkpoint_dir=f'/tmp/tta_{recipe}',
-                   debug_file='/nonexistent', train_data_root=data)
+    options = dict(vis=False, checkpoint_dir=f'/tmp/tta_{recipe}', train_data_root=data)
     options.update(recipe=recipe, **overrides)
     start = time.time()
     cap = threading.Timer(minutes * 60, os.kill, (os.getpid(), signal.SIGTERM)) if minutes else None
