@@ -35,7 +35,7 @@ from data.dataset import (decode_small, load_rgb,  # noqa: E402
                           preload_size, preloaded_transforms)
 from models import build_model  # noqa: E402
 
-from bench.shared import SHARED_TRAIN as SHARED  # noqa: E402
+from bench.shared import SHARED_TRAIN as SHARED, link_subset  # noqa: E402
 
 
 def median_rate(fn, items, repeats):
@@ -215,12 +215,7 @@ def predict_row(images=1000, size=224, workers=2):
     Runtime the export too), --bf16 as auto sets it."""
     import main
     tmp = tempfile.mkdtemp(prefix='bench_predict_')
-    folder = os.path.join(tmp, 'photos')
-    os.makedirs(folder)
-    for label in ('cat', 'dog'):
-        for n in range(images // 2):
-            os.symlink(os.path.join(SHARED, f'{label}.{n}.jpg'),
-                       os.path.join(folder, f'{label}.{n}.jpg'))
+    folder = link_subset(os.path.join(tmp, 'photos'), images)
     torch.manual_seed(0)
     model = build_model('EfficientNetLite0')
     checkpoint = model.save(os.path.join(tmp, 'EfficientNetLite0_best.pth'))
