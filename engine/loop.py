@@ -85,10 +85,11 @@ def train_one_epoch(run, model, state, stop=None):
             if run.vis is not None and meter.loss.n % run.opt.print_freq == 0:
                 run.vis.plot('train loss', meter.mean_loss)
         debug_hook(run.opt.debug_file)
-        if stop is not None and distributed.any_rank(stop.requested, run.placement.device):
+        # a stop signal, or --time_budget's end (the rest is for the last validation and
+        # checkpoint); one collective per step decides for every torchrun rank
+        if distributed.any_rank((stop is not None and stop.requested) or run.budget.exhausted(),
+                                run.placement.device):
             break
-        if distributed.any_rank(run.budget.exhausted(), run.placement.device):
-            break  # --time_budget: what is left is for the last validation and checkpoint
     return meter
 
 
