@@ -47,6 +47,8 @@ class DefaultConfig:
     pretrained = True  # ImageNet weights for the pretrained models; False trains them from scratch (Kaiming init)
     weights = None  # local ImageNet state dict (.pth) for a pretrained model, instead of the download (offline machines, mirrors)
     freeze = False  # train only the classifier of a pretrained model; its backbone stays fixed
+    unfreeze = 0  # with a pretrained model: also train its last N blocks (the rest stays fixed; their input is cached when the images are not randomly transformed), or all layers; implies --freeze for the rest
+    head_epochs = 1  # with --unfreeze: the first N epochs train the classifier alone, then the unfrozen blocks join (fastai's fine_tune)
     init = 'kaiming'  # initialisation of the layers trained from scratch: kaiming (He et al.), or pytorch (each layer's default, the write-up's stuck-at-50% baseline)
 
     train_data_root = './data/train'  # Kaggle train/ folder (cat.N.jpg, dog.N.jpg) or cat/ and dog/ subfolders
@@ -54,9 +56,10 @@ class DefaultConfig:
     load_model_path = None  # checkpoint to start from (train), or to evaluate (val, test)
     resume = None  # continue a run exactly: a checkpoint path, or last (<checkpoint_dir>/<model>_last.pth)
     checkpoint_dir = 'checkpoints'  # where train writes <model>_last.pth and <model>_best.pth
+    select = 'best'  # the checkpoint val, test, predict, export and interpret use without --load_model_path, and train calibrates: best (highest validation accuracy, the book's rule; optimistic) or last (the end of the schedule; its validation figure is unbiased)
 
     image_size = 224  # side of the square image the model sees, in pixels
-    augment = True  # random crops and flips on training images; False lets --freeze cache the backbone's features
+    augment = True  # random crops and flips on training images (True), flips only (flip), or none (False); with flip or False, --freeze and --unfreeze cache the frozen part's output (both mirror images with flip)
     val_ratio = 0.3  # share of each class held out for validation
     seed = 100  # seeds the train/val split and the weight initialisation
     preload = False  # decode every image once into RAM (uint8, 9/8 of image_size); epochs then skip JPEG decoding
@@ -137,7 +140,8 @@ class DefaultConfig:
 # Allowed values, checked after every parse: (option, test, what the value must be).
 CHOICES = {'recipe': tuple(RECIPES), 'optimizer': ('adam', 'sgd', 'adamw'),
            'lr_schedule': ('loss', 'cosine'), 'init': ('kaiming', 'pytorch'),
-           'engine': ('torch', 'onnx', 'auto'), 'tta': ('none', 'flip')}
+           'engine': ('torch', 'onnx', 'auto'), 'tta': ('none', 'flip'),
+           'augment': (True, False, 'flip'), 'select': ('best', 'last')}
 RANGES = [
     ('lr', lambda v: v > 0, 'a learning rate > 0 (e.g. 1e-3)'),
     ('backbone_lr', lambda v: v is None or v >= 0, 'a learning rate >= 0 (e.g. 1e-4)'),
@@ -153,6 +157,8 @@ RANGES = [
     ('image_size', lambda v: v >= 16, 'at least 16 pixels (224 for the ImageNet models)'),
     ('batch_size', lambda v: v >= 2, 'at least 2 (BatchNorm cannot train on one image)'),
     ('max_epoch', lambda v: v >= 1, 'at least 1'),
+    ('unfreeze', lambda v: v == 'all' or v >= 0, 'a number of blocks >= 0, or all'),
+    ('head_epochs', lambda v: v >= 0, 'at least 0'),
     ('time_budget', lambda v: v is None or v > 0, 'minutes > 0 (e.g. 20)'),
     ('print_freq', lambda v: v >= 1, 'at least 1'),
 ]
@@ -160,6 +166,10 @@ RANGES = [
 NONE_DEFAULT_TYPES = {'weights': str, 'load_model_path': str, 'resume': str, 'img': str,
                       'layers': str, 'debug_file': str, 'backbone_lr': float,
                       'classifier_lr': float, 'time_budget': float}
+
+
+# Options that take one word besides values of their default's type.
+WORD_OR_VALUE = {'bf16': 'auto', 'augment': 'flip', 'unfreeze': 'all'}
 
 
 def check_values(opt):
@@ -200,9 +210,11 @@ def coerce(key, value, default):
     """Convert a value given on the command line to the type of the option's default."""
     if value is None:
         return value
+    if key in WORD_OR_VALUE and str(value).lower() == WORD_OR_VALUE[key]:
+        return WORD_OR_VALUE[key]
     if default is None:
         return coerce_optional(key, value)
-    kind = type(default)
+    kind = bool if key == 'bf16' else type(default)  # bf16: auto, or a bool
     if kind is bool:
         if isinstance(value, bool):
             return value
@@ -210,10 +222,6 @@ def coerce(key, value, default):
             return True
         if str(value).lower() in ('false', '0', 'no'):
             return False
-    elif key == 'bf16':  # auto, or a bool
-        if str(value).lower() == 'auto':
-            return 'auto'
-        return coerce(key, value, False)
     elif kind is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
@@ -225,6 +233,9 @@ def coerce(key, value, default):
     elif kind is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+    if key in WORD_OR_VALUE:
+        raise ConfigError(f'--{key} must be {WORD_OR_VALUE[key]} or a {kind.__name__} '
+                          f'(default {default!r}), not {value!r}')
     raise ConfigError(f'option {key} expects {kind.__name__} (default {default!r}), got {value!r}')
 
 

@@ -152,20 +152,24 @@ def normalization(mean, std):
 
 
 def default_transforms(mode, image_size, mean=None, std=None, augment=True):
-    """Resize and normalise with the model's own constants; random crops and flips for
-    training unless augment=False."""
-    if mode == 'train' and augment:
+    """Resize and normalise with the model's own constants; for training, random crops
+    and flips (augment=True), flips only ('flip') or neither (False)."""
+    if mode == 'train' and augment is True:
         steps = [T.Resize(image_size), T.RandomResizedCrop(image_size), T.RandomHorizontalFlip()]
     else:
         steps = [T.Resize(image_size), T.CenterCrop(image_size)]
+        if mode == 'train' and augment == 'flip':
+            steps.append(T.RandomHorizontalFlip())
     return T.Compose(steps + [T.ToTensor()] + normalization(mean, std))
 
 
 def preloaded_transforms(mode, image_size, mean=None, std=None, augment=True):
     """For images already decoded to uint8 tensors at 9/8 of image_size: random crop and
     flip on the small uint8 tensor (cheap), then float and normalise."""
-    steps = ([T.RandomCrop(image_size), T.RandomHorizontalFlip()] if mode == 'train' and augment
+    steps = ([T.RandomCrop(image_size), T.RandomHorizontalFlip()] if mode == 'train' and augment is True
              else [T.CenterCrop(image_size)])
+    if mode == 'train' and augment == 'flip':
+        steps.append(T.RandomHorizontalFlip())
     return T.Compose(steps + [T.ConvertImageDtype(torch.float32)] + normalization(mean, std))
 
 

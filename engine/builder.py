@@ -54,10 +54,10 @@ def network(opt, where, trained=False):
     --init), for evaluation with the weights of the checkpoint to evaluate."""
     if not trained:
         model = build_model(opt.model, opt.pretrained, weights=opt.weights, freeze=opt.freeze,
-                            init=opt.init)
+                            init=opt.init, unfreeze=opt.unfreeze)
         return where.place(model)
     model = build_model(opt.model, pretrained=False)
-    path = checkpoint.to_evaluate(opt.load_model_path, opt.checkpoint_dir, opt.model)
+    path = checkpoint.to_evaluate(opt.load_model_path, opt.checkpoint_dir, opt.model, opt.select)
     trained_size = model.load(path).get('config', {}).get('image_size')
     if trained_size and trained_size != opt.image_size:
         warnings.warn(f'{path} was trained on {trained_size} px images; evaluating it at '
@@ -120,6 +120,7 @@ def for_training(opt, vis=True):
                                            opt.model)
     if run.resume_path:
         run.resume_from = model.load(run.resume_path)
+        model.temperature = 1.0  # training sees raw logits; a new temperature is fitted after
     run.vis = visualizer(opt) if vis else None
     return run
 

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from data.dataset import CLASSES
+from engine.calibration import calibrate
 from engine.feature_cache import use_cached_features
 from engine.interpret import TopMistakes, epoch_mistakes, in_order_batches
 from engine.report import epoch_record, report_epoch
@@ -34,6 +35,10 @@ class TrainState:
     lrs: list = None  # the learning rates of the last step (not saved: the schedule knows)
     partial: ClassificationMeter = None  # the running epoch's meter, when resumed mid-epoch
     history: list = field(default_factory=list)  # one record per epoch (engine/report.py)
+    # validation [(logits, targets)] of the last and of the best epoch (not saved):
+    # temperature scaling of the selected checkpoint needs no extra pass
+    last_logits: list = None
+    best_logits: list = None
 
 
 class NonFiniteLoss(Exception):
@@ -135,10 +140,11 @@ def debug_hook(debug_file):
 
 
 @torch.inference_mode()
-def evaluate(model, loader, placement, skipped, desc='validation', mistakes=None):
+def evaluate(model, loader, placement, skipped, desc='validation', mistakes=None, logits=None):
     """One pass without gradients: the meter of scores against labels. `mistakes` (a
     TopMistakes, engine/interpret.py) also keeps the worst misclassified images: the
-    loader batches its in-order sampler, so each batch's dataset indices are known."""
+    loader batches its in-order sampler, so each batch's dataset indices are known.
+    `logits`, a list, receives each batch's (scores, targets)."""
     model.eval()
     meter = ClassificationMeter()
     criterion = nn.CrossEntropyLoss()
@@ -150,6 +156,8 @@ def evaluate(model, loader, placement, skipped, desc='validation', mistakes=None
             continue
         scores = placement.forward(model, images)
         meter.add(scores, targets, criterion(scores.cpu(), targets).item())
+        if logits is not None:
+            logits.append((scores.float().cpu(), targets))
         if mistakes is not None:
             mistakes.add(indices, bad, scores, targets)
     return meter
@@ -164,6 +172,8 @@ def fit(run, stop):
     last, best = checkpoint.paths(opt.checkpoint_dir, run.model.model_name)
     with lock_if_main(opt.checkpoint_dir, run.model.model_name):
         while more_epochs(run, state):
+            if unfrozen_join(run, state):
+                model = wrap_for_training(net, opt)  # DDP registers the parameters that train
             sampler = run.train_loader.sampler
             sampler.set_epoch(state.epoch)
             sampler.skip = state.images_done
@@ -176,9 +186,11 @@ def fit(run, stop):
             # --vis, not run.vis (rank 0's only): every rank takes part in gathering them
             mistakes = TopMistakes(run.val_data.samples) if run.opt.vis else None
             # the bare network: DDP's forward would sync buffers; ranks' shards differ in size
+            state.last_logits = []
             try:
                 val_meter = evaluate(net, run.val_loader, run.placement, run.skipped,
-                                     mistakes=mistakes).all_reduce(run.placement.device)
+                                     mistakes=mistakes, logits=state.last_logits
+                                     ).all_reduce(run.placement.device)
             except RuntimeError as exc:  # the stop signal killed the loader's workers too
                 if not stop.workers_lost(exc):
                     raise
@@ -189,12 +201,52 @@ def fit(run, stop):
     if run.skipped.summary():
         warnings.warn(run.skipped.summary())
     if distributed.is_main():
-        print(f'best validation accuracy {state.best_val_acc:.2f}%; checkpoints: {last}, {best}'
-              + (f'; {state.epoch} epochs in {state.seconds / 60:.1f} of the '
-                 f'{run.opt.time_budget:g} minutes' if run.opt.time_budget else ''))
+        print(final_report(state, last, best, run.opt))
+    if state.history:  # trained at least one epoch here: calibrate the selected checkpoint
+        calibrate_selected(run, net, state, last, best)
     if run.vis is not None:
         run.vis.close()  # deliver the last plots before the process ends
     return state
+
+
+def final_report(state, last, best, opt):
+    records = state.history
+    best_record = max(records, key=lambda r: r['val_acc_cm'], default=None)
+    line = f'best validation accuracy {state.best_val_acc:.2f}%'
+    if best_record is not None:
+        line = (f'validation accuracy: last epoch {records[-1]["val_acc_cm"]:.2f}%, best '
+                f'{best_record["val_acc_cm"]:.2f}% (epoch {best_record["epoch"]}; picked on the '
+                f'same images, so optimistic)')
+    line += f'; checkpoints: {last}, {best}; val and test use {last if opt.select == "last" else best}'
+    if opt.time_budget:
+        line += f'; {state.epoch} epochs in {state.seconds / 60:.1f} of the {opt.time_budget:g} minutes'
+    return line
+
+
+def calibrate_selected(run, net, state, last, best):
+    """Temperature scaling for the checkpoint --select names, on its validation logits
+    (kept from its epoch, or computed again with its weights after a resume)."""
+    path = last if run.opt.select == 'last' else best
+    logits = state.last_logits if run.opt.select == 'last' else state.best_logits
+    if run.opt.select == 'best':
+        run.model.load(path)  # the weights train leaves in memory are the selected ones
+    if logits is None:
+        logits = []
+        evaluate(net, run.val_loader, run.placement, run.skipped, logits=logits)
+    calibrate(run.model, path, logits)
+
+
+def unfrozen_join(run, state):
+    """--unfreeze with --head_epochs: the unfrozen blocks train from epoch head_epochs
+    on, the head alone before; True when this epoch changes which parameters train."""
+    model, on = run.model, state.epoch >= run.opt.head_epochs
+    if not model.unfrozen or model.unfrozen_on == on:
+        return False
+    model.train_unfrozen(on)
+    if on and distributed.is_main():
+        print(f'epoch {state.epoch}: the unfrozen blocks join the head in training '
+              f'(--unfreeze={run.opt.unfreeze}, lr {[g["lr"] for g in run.optimizer.param_groups]})')
+    return True
 
 
 def more_epochs(run, state):
@@ -237,6 +289,8 @@ def end_of_epoch(run, state, train_meter, val_meter, last, best, mistakes=None):
     state.epoch, state.images_done = state.epoch + 1, 0  # an epoch cut by the budget ends too
     state.seconds = run.budget.elapsed()
     is_best = val_meter.accuracy_cm > state.best_val_acc
+    if is_best:
+        state.best_logits = state.last_logits
     state.best_val_acc = max(state.best_val_acc, val_meter.accuracy_cm)
     if distributed.is_main():
         for path in (last, best) if is_best else (last,):

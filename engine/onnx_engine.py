@@ -67,6 +67,7 @@ def contract(model, image_size, source):
             'input_mean': json.dumps(list(model.input_mean)),
             'input_std': json.dumps(list(model.input_std)),
             'input_format': INPUT_FORMAT, 'classes': 'cat,dog', 'outputs': OUTPUTS,
+            'temperature': f'{model.temperature:g} (the logits are already divided by it)',
             'source': source or '', 'exported_by': 'dogcat: python main.py export'}
 
 

@@ -158,10 +158,10 @@ def write_predictions(path, rows):
 
 
 def export(opt, path=None):
-    """Write the trained network (--load_model_path, else <model>_best.pth) to
+    """Write the trained network (--load_model_path, else the --select checkpoint) to
     <checkpoint_dir>/<model>.onnx; returns the path."""
     opt.load_model_path = checkpoint.to_evaluate(opt.load_model_path, opt.checkpoint_dir,
-                                                 opt.model)
+                                                 opt.model, opt.select)
     model = builder.network(opt, builder.placement(opt), trained=True)
     path = path or os.path.join(opt.checkpoint_dir, f'{model.model_name}.onnx')
     onnx_engine.export_file(model, opt.image_size, path, source=opt.load_model_path)

@@ -17,9 +17,11 @@ PRETRAINED = {'SqueezeNet': SqueezeNet, 'ResNet18': ResNet18,
               'EfficientNetLite2': EfficientNetLite2}
 
 
-def build_model(name, pretrained=True, num_classes=2, weights=None, freeze=False, init='kaiming'):
+def build_model(name, pretrained=True, num_classes=2, weights=None, freeze=False, init='kaiming',
+                unfreeze=0):
     """The model class called `name`. `pretrained` and `weights` (a local ImageNet state
-    dict) apply to the ImageNet models; `freeze` trains only their classifier; `init`
+    dict) apply to the ImageNet models; `freeze` trains only their classifier, and with
+    `unfreeze` (N or 'all') the last N blocks or every layer too; `init`
     ('kaiming' or 'pytorch') initialises a model trained from scratch."""
     if name in FROM_SCRATCH:
         if weights:
@@ -35,4 +37,4 @@ def build_model(name, pretrained=True, num_classes=2, weights=None, freeze=False
             raise UserError('--init=pytorch is for models trained from scratch: add '
                             '--pretrained=False, or drop --init')
         pytorch_default_init(model)
-    return model.freeze_backbone() if freeze else model
+    return model.freeze_backbone(unfreeze) if freeze or unfreeze != 0 else model

@@ -32,6 +32,17 @@ def load_state_dict_checked(module, state_dict, source, name):
     module.load_state_dict(state_dict)
 
 
+def divide_by_temperature(module, inputs, logits):
+    return logits if module.temperature == 1 else logits / module.temperature
+
+
+def checked_temperature(value, path):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1e3:
+        raise CheckpointError(f'{path!r}: its temperature is {value!r}, not a number > 0: the '
+                              f'file is damaged or hand-made')
+    return float(value)
+
+
 def kaiming_init(module):
     """He et al. (2015) initialisation, the cure for most stuck-at-50% runs.
 
@@ -74,7 +85,12 @@ class BasicModule(nn.Module):
     def __init__(self):
         super().__init__()
         self.model_name = type(self).__name__
-        self.frozen = False
+        self.frozen = False  # --freeze: the backbone is fixed, but for the `unfrozen` blocks
+        self.unfrozen, self.unfrozen_on = [], False
+        # Logits are divided by this (temperature scaling, engine/calibration.py): 1 while
+        # training; after training, fitted on the validation split and saved with the weights.
+        self.temperature = 1.0
+        self.register_forward_hook(divide_by_temperature)
 
     def save(self, name=None, extra=None, config=None, checkpoint_dir='checkpoints'):
         """Write {model_name, state_dict, config, **extra} atomically; return the path.
@@ -85,7 +101,8 @@ class BasicModule(nn.Module):
             name = os.path.join(checkpoint_dir,
                                 f'{self.model_name}_{time.strftime("%Y%m%d_%H%M%S")}.pth')
         checkpoint = {'model_name': self.model_name, 'state_dict': self.state_dict(),
-                      'config': dict(config or {}), **(extra or {})}
+                      'temperature': self.temperature, 'config': dict(config or {}),
+                      **(extra or {})}
         return atomic_save(checkpoint, name)
 
     def load(self, path):
@@ -102,6 +119,7 @@ class BasicModule(nn.Module):
         else:
             raise CheckpointError(f'{path!r} is neither a checkpoint of this project nor a state dict')
         self.load_state_dict_checked(state_dict, path)
+        self.temperature = checked_temperature(checkpoint.get('temperature', 1.0), path)
         return checkpoint
 
     def load_state_dict_checked(self, state_dict, source):
@@ -113,32 +131,88 @@ class BasicModule(nn.Module):
         output directly."""
         return None
 
-    def freeze_backbone(self):
-        """Train the classifier only: every other parameter gets requires_grad=False."""
+    def stages(self):
+        """(stem, blocks, tail) with tail(blocks[-1](...blocks[0](stem(x)))) == forward(x),
+        tail ending in head(): the blocks --unfreeze=N trains the last N of. None for a
+        model that does not list them."""
+        return None
+
+    def forward_to(self, index, x):
+        """The activations at the input of stages()'s blocks[index]."""
+        stem, blocks, _ = self.stages()
+        x = stem(x)
+        for block in blocks[:index]:
+            x = block(x)
+        return x
+
+    def forward_from(self, index, x):
+        """forward() from the input of blocks[index] on (what forward_to returned)."""
+        _, blocks, tail = self.stages()
+        for block in blocks[index:]:
+            x = block(x)
+        return tail(x)
+
+    def freeze_backbone(self, unfreeze=0):
+        """Train the classifier only, plus with `unfreeze` the last N blocks of stages()
+        (an int), or every layer ('all'). The unfrozen part joins when
+        train_unfrozen(True) is called (the default), so a run can train the head alone
+        first (--head_epochs)."""
         if self.head() is None:
-            raise UserError(f'--freeze=True needs a model with a pretrained backbone; '
-                            f'{self.model_name} trains from scratch (drop --freeze)')
-        head_ids = {id(p) for p in self.head().parameters()}
-        for p in self.parameters():
-            if id(p) not in head_ids:
-                p.requires_grad_(False)
+            option = '--unfreeze' if unfreeze else '--freeze=True'
+            raise UserError(f'{option} needs a model with a pretrained backbone; '
+                            f'{self.model_name} trains from scratch (drop {option})')
+        self.unfrozen = (list(self.children()) if unfreeze == 'all'
+                         else self.last_blocks(int(unfreeze)))
         self.frozen = True
+        return self.train_unfrozen(True)
+
+    def last_blocks(self, count):
+        if not count:
+            return []
+        blocks = self.stages() and self.stages()[1]
+        if not blocks:
+            raise UserError(f'--unfreeze=N is not available for {self.model_name}: use '
+                            f'--unfreeze=all, or one of ResNet18, ResNet34Pretrained, '
+                            f'MobileNetV2, EfficientNetLite0/1/2')
+        if count > len(blocks):
+            raise UserError(f'--unfreeze={count}: {self.model_name} has {len(blocks)} blocks; '
+                            f'pass 1 to {len(blocks)}, or all')
+        return blocks[-count:]
+
+    def train_unfrozen(self, on):
+        """Let the unfrozen blocks train (on) or keep them fixed with the rest of the
+        backbone; returns self. Only the head's parameters train while off."""
+        head_ids = {id(p) for p in self.head().parameters()}
+        unfrozen_ids = {id(p) for m in self.unfrozen for p in m.parameters()} if on else set()
+        for p in self.parameters():
+            p.requires_grad_(id(p) in head_ids or id(p) in unfrozen_ids)
+        self.unfrozen_on = on
         return self.train(self.training)
+
+    def trainable_parameters(self):
+        """What the optimizer holds: with --freeze the head and the unfrozen blocks
+        (whether or not they have joined yet), else every parameter that requires grad."""
+        if not self.frozen:
+            return [p for p in self.parameters() if p.requires_grad]
+        wanted = {id(p) for m in [self.head(), *self.unfrozen] for p in m.parameters()}
+        return [p for p in self.parameters() if id(p) in wanted]
 
     def train(self, mode=True):
         super().train(mode)
         if self.frozen:
             # A frozen backbone is a fixed feature extractor: its BatchNorm running
-            # statistics and dropout stay in inference mode too; only the head trains.
+            # statistics and dropout stay in inference mode too; only the head (and the
+            # unfrozen blocks, once they have joined) train.
             super().train(False)
-            self.head().train(mode)
+            for module in [self.head(), *(self.unfrozen if self.unfrozen_on else [])]:
+                module.train(mode)
         return self
 
     def parameter_groups(self, backbone_lr=None, classifier_lr=None):
         """Named groups of trainable parameters: one for a from-scratch model; backbone
         and classifier for a pretrained one, each with its own 'lr' when given. A group
         left empty by freezing is dropped."""
-        trainable = [p for p in self.parameters() if p.requires_grad]
+        trainable = self.trainable_parameters()
         if self.head() is None:
             return [{'name': 'all', 'params': trainable}]
         head_ids = {id(p) for p in self.head().parameters()}

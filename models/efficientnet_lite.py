@@ -10,6 +10,7 @@ The variants differ only in width, depth and the image size they were trained at
 import importlib
 
 import timm
+from torch import nn
 
 from utils.errors import UserError
 
@@ -104,6 +105,14 @@ class EfficientNetLite(BasicModule):
 
     def head(self):
         return self.backbone.classifier
+
+    def stages(self):
+        # timm: forward_features = conv_stem, bn1, blocks (stages of MBConv blocks),
+        # conv_head, bn2; forward_head = pool, dropout, classifier
+        net = self.backbone
+        blocks = [block for stage in net.blocks for block in stage]
+        return (nn.Sequential(net.conv_stem, net.bn1), blocks + [nn.Sequential(net.conv_head, net.bn2)],
+                net.forward_head)
 
 
 class EfficientNetLite0(EfficientNetLite):

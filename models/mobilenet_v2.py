@@ -1,5 +1,6 @@
 """torchvision's MobileNetV2 with ImageNet weights and a 2-class head: 3.5M
 parameters and 0.3 GFLOPs at 224 px, light enough to fine-tune on a CPU."""
+import torch
 from torch import nn
 from torchvision.models import MobileNet_V2_Weights, mobilenet_v2
 
@@ -20,3 +21,8 @@ class MobileNetV2(BasicModule):
 
     def head(self):
         return self.backbone.classifier
+
+    def stages(self):
+        net = self.backbone  # forward: features, average pool, flatten, classifier
+        return (net.features[0], list(net.features[1:]),
+                lambda x: net.classifier(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1)))

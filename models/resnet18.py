@@ -1,4 +1,5 @@
 """torchvision's ResNet18 with ImageNet weights, fine-tuned with a 2-class head."""
+import torch
 from torch import nn
 from torchvision.models import ResNet18_Weights, resnet18
 
@@ -20,3 +21,9 @@ class ResNet18(BasicModule):
 
     def head(self):
         return self.backbone.fc
+
+    def stages(self):
+        net = self.backbone
+        blocks = [*net.layer1, *net.layer2, *net.layer3, *net.layer4]
+        return (nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool), blocks,
+                lambda x: net.fc(torch.flatten(net.avgpool(x), 1)))

@@ -188,7 +188,7 @@ def test_frozen_backbone_features_are_cached_only_without_random_transforms(fast
     cached_dir = os.path.join(fast_options['checkpoint_dir'], 'cached')
     plain_dir = os.path.join(fast_options['checkpoint_dir'], 'plain')
     main.train(**dict(options, augment=False, checkpoint_dir=cached_dir))
-    assert 'feature cache: backbone features of 56 training and 24 validation images' \
+    assert "feature cache: the head's input for 56 training and 24 validation images" \
            in capsys.readouterr().out
     # the same run without the cache (its hook made a no-op) trains the same head
     monkeypatch.setattr(engine.loop, 'use_cached_features', lambda run: run.model)
@@ -232,7 +232,7 @@ def test_the_cache_skips_an_unreadable_image_like_the_plain_loader(fast_options,
     with pytest.warns(UserWarning, match=r'skipping unreadable image .*dog.3.jpg'):
         result = main.train(**dict(fast_options, train_data_root=train_root, model='MobileNetV2',
                                    pretrained=False, freeze=True, augment=False, max_epoch=2))
-    assert 'feature cache: backbone features of' in capsys.readouterr().out
+    assert "feature cache: the head's input for" in capsys.readouterr().out
     # dog.3.jpg falls in the validation split: 23 of its 24 images are counted
     assert sum(map(sum, result.history[-1]['val_cm'])) == 23
 

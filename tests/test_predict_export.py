@@ -184,7 +184,7 @@ def test_frozen_backbone_features_through_onnxruntime_equal_torchs(trained, caps
     with pytest.warns(UserWarning, match='stuck at 50%'):  # one epoch of a random backbone
         main.train(**dict(options, engine='onnx'))
     assert asked == [32]
-    assert 'feature cache: backbone features of 56 training' in capsys.readouterr().out
+    assert "feature cache: the head's input for 56 training" in capsys.readouterr().out
 
 
 OPTIONS = ['--checkpoint_dir={checkpoints}', '--image_size=32', '--num_workers=0']

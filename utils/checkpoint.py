@@ -8,8 +8,10 @@ A checkpoint is a dict written by torch.save:
     optimizer, scheduler, rng              what an exact resume needs
     partial_epoch                          the interrupted epoch's meter
     val_acc                                this epoch's validation accuracy
+    temperature                            logits are divided by it (1 while training)
 train writes <checkpoint_dir>/<model>_last.pth every epoch and _best.pth when the
-validation accuracy improves; val and test read _best.pth unless told otherwise.
+validation accuracy improves; val and test read the one --select names (_best.pth by
+default) unless told otherwise.
 """
 import contextlib
 import os
@@ -135,16 +137,18 @@ def training_lock(checkpoint_dir, model_name):
             os.remove(path)
 
 
-def to_evaluate(load_model_path, checkpoint_dir, model_name):
-    """--load_model_path, else this model's best checkpoint; never random weights."""
+def to_evaluate(load_model_path, checkpoint_dir, model_name, select='best'):
+    """--load_model_path, else this model's best (--select=best) or last checkpoint;
+    never random weights."""
     if load_model_path:
         return load_model_path
-    _, best = paths(checkpoint_dir, model_name)
-    if os.path.isfile(best):
-        print(f'no --load_model_path given: using {best}')
-        return best
+    last, best = paths(checkpoint_dir, model_name)
+    chosen = best if select == 'best' else last
+    if os.path.isfile(chosen):
+        print(f'no --load_model_path given: using {chosen} (--select={select})')
+        return chosen
     raise UserError(f'no checkpoint to evaluate: pass --load_model_path=PATH '
-                    f'(no {best} either; train first, or set --model)')
+                    f'(no {chosen} either; train first, or set --model or --select)')
 
 
 def save_training(path, net, config, state, optimizer, scheduler, **extra):
