@@ -39,6 +39,7 @@ class TrainState:
     # temperature scaling of the selected checkpoint needs no extra pass
     last_logits: list = None
     best_logits: list = None
+    calibration: tuple = None  # (T, log loss before, after, cross-fitted): engine/calibration.py
 
 
 class NonFiniteLoss(Exception):
@@ -233,7 +234,7 @@ def calibrate_selected(run, net, state, last, best):
     if logits is None:
         logits = []
         evaluate(net, run.val_loader, run.placement, run.skipped, logits=logits)
-    calibrate(run.model, path, logits)
+    state.calibration = calibrate(run.model, path, logits)
 
 
 def unfrozen_join(run, state):
