@@ -28,10 +28,13 @@ class StepRecord:
 
 def expected_modes(model):
     """The mode each BatchNorm/Dropout layer must train in: training, except a backbone
-    frozen by --freeze (BasicModule.train keeps it in eval mode)."""
-    head = model.head() if getattr(model, 'frozen', False) else None
-    in_head = {id(m) for m in head.modules()} if head is not None else None
-    return {name: in_head is None or id(module) in in_head
+    frozen by --freeze (BasicModule.train keeps it in eval mode) outside the head and
+    the blocks --unfreeze trains."""
+    training = None
+    if getattr(model, 'frozen', False):
+        parts = [model.head(), *(model.unfrozen if model.unfrozen_on else [])]
+        training = {id(m) for part in parts for m in part.modules()}
+    return {name: training is None or id(module) in training
             for name, module in model.named_modules() if isinstance(module, BATCHNORMS + DROPOUTS)}
 
 

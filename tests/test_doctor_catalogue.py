@@ -375,6 +375,8 @@ HARMLESS = {
             [T.Resize(37), T.CenterCrop(32), T.ToTensor(),
              T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])), {}),
     'samples shuffled once, sampler in order': (pre_shuffled_without_sampler_shuffle, {}),
+    'partial fine-tune: ResNet18 with its last 2 blocks unfrozen, flips only':
+        (lambda r: r, dict(model='ResNet18', pretrained=False, unfreeze=2, augment='flip')),
 }
 
 
