@@ -6,13 +6,11 @@ Two layouts are understood for labelled data:
 and for test data the Kaggle test1/ folder: root/1.jpg, root/2.jpg, ...
 """
 import itertools
-import multiprocessing
 import os
 import re
 import signal
 import warnings
 from collections import defaultdict, namedtuple
-from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 
 import numpy as np
@@ -21,6 +19,7 @@ from PIL import Image
 from torch.utils import data
 from torchvision import transforms as T
 
+from data.preload import decode_in_processes
 from utils import distributed
 from utils.progress import Progress
 from utils.errors import UserError
@@ -177,55 +176,20 @@ def preload_size(image_size):
     return (image_size * 9 + 7) // 8
 
 
-def decode_array(job):
-    """(path, size) -> uint8 CHW numpy array, resized and centre-cropped to size, or
-    Skipped. Plain numpy, not a torch tensor: it leaves a decoding process by pickle,
-    where a tensor would travel as a shared-memory file descriptor (and did fail with
-    "received 0 items of ancdata")."""
-    path, size = job
+def decode_pixels(path, size):
+    """uint8 HWC numpy array of the image resized and centre-cropped to size, or Skipped."""
     img = load_or_skip(path)
     if isinstance(img, Skipped):
         return img
-    img = T.functional.center_crop(T.functional.resize(img, size), size)
-    # HWC -> CHW in numpy: a parallel torch op in a forked worker can deadlock in OpenMP
-    return np.ascontiguousarray(np.asarray(img).transpose(2, 0, 1))
-
-
-def as_tensor(decoded):
-    return decoded if isinstance(decoded, Skipped) else torch.from_numpy(decoded)
+    return np.asarray(T.functional.center_crop(T.functional.resize(img, size), size))
 
 
 def decode_small(job):
     """(path, size) -> uint8 CHW tensor, resized and centre-cropped to size, or Skipped."""
-    return as_tensor(decode_array(job))
-
-
-def decode_in_processes(jobs, processes):
-    """decode_array over jobs in forked processes, in order. A process that dies (killed,
-    out of memory, SIGTERM) breaks the pool and that is an error at once: a
-    multiprocessing.Pool would start a new process and wait forever for the lost work."""
-    pool = ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context('fork'),
-                               initializer=init_decoder)
-    try:
-        return list(Progress(pool.map(decode_array, jobs, chunksize=64), 'decoding (--preload)',
-                             total=len(jobs), unit='images'))
-    except BrokenProcessPool as exc:
-        raise DataError('decoding the images for --preload stopped: a decoding process died '
-                        '(killed by a signal, or out of memory). Run again with '
-                        '--num_workers=0 and without --preload (--preload=False): images are '
-                        'then decoded as batches need them, in this process.') from exc
-    finally:
-        # after an error or a second Ctrl-C, drop the queued work instead of finishing it
-        pool.shutdown(wait=True, cancel_futures=True)
-
-
-def init_decoder():
-    """A forked decoding process: one torch thread (a child must not start OpenMP teams
-    of its own: it can deadlock), Ctrl-C left to the main process, and the default
-    SIGTERM, with which the pool stops it (not the training's save-and-exit handler)."""
-    torch.set_num_threads(1)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    pixels = decode_pixels(*job)
+    if isinstance(pixels, Skipped):
+        return pixels
+    return torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))
 
 
 def load_or_skip(path):
@@ -296,12 +260,22 @@ class DogCat(data.Dataset):
         """Decode every image once, in parallel: later epochs only crop and flip. Nothing
         else runs meanwhile, so it uses every core of this rank even with --num_workers=0
         (the fastest setting for the epochs of a preloaded set on a small CPU)."""
-        jobs = [(path, size) for path, _ in self.samples]
+        paths = [path for path, _ in self.samples]
         ranks_here = int(os.environ.get('LOCAL_WORLD_SIZE', 1))
         processes = max(num_workers, len(os.sched_getaffinity(0)) // ranks_here)
         if processes > 1:
-            return [as_tensor(decoded) for decoded in decode_in_processes(jobs, processes)]
-        return [decode_small(job) for job in Progress(jobs, 'decoding (--preload)', unit='images')]
+            try:
+                images, outcomes = decode_in_processes(decode_pixels, paths, size, processes)
+            except BrokenProcessPool as exc:
+                raise DataError('decoding the images for --preload stopped: a decoding process '
+                                'died (killed by a signal, or out of memory). Run again with '
+                                '--num_workers=0 and without --preload (--preload=False): '
+                                'images are then decoded as batches need them, in this '
+                                'process.') from exc
+            return [image if outcome is None else outcome
+                    for image, outcome in zip(images, outcomes)]
+        return [decode_small((path, size))
+                for path in Progress(paths, 'decoding (--preload)', unit='images')]
 
     def __getitem__(self, index):
         """(image tensor, label) in train/val mode, (image tensor, id) in test mode."""
