@@ -31,9 +31,12 @@ RECIPES = {
     'cpu': dict(model='SmallResNet', image_size=96, preload=True, num_workers=0,
                 batch_size=64, optimizer='adamw', lr=2e-3, weight_decay=0.05,
                 label_smoothing=0.1, lr_schedule='cosine', max_epoch=26),
-    # ImageNet-pretrained EfficientNetLite0, frozen: features computed once, linear head
-    'pretrained': dict(model='EfficientNetLite0', image_size=224, freeze=True, augment=False,
-                       batch_size=64, lr=1e-3, max_epoch=10),
+    # ImageNet-pretrained EfficientNetLite2 at its own 260 px, frozen: features computed
+    # once, a linear head on a fixed cosine schedule, the last epoch evaluated (with its
+    # temperature) and mirror-image TTA (bench/finetune_table.py, rows E-J)
+    'pretrained': dict(model='EfficientNetLite2', image_size=260, freeze=True, augment=False,
+                       batch_size=64, lr=1e-3, lr_schedule='cosine', max_epoch=10,
+                       select='last', tta='flip'),
 }
 
 
