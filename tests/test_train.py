@@ -19,7 +19,9 @@ from models import SmallResNet
 
 
 def test_a_from_scratch_model_learns_the_generated_classes(fast_options):
-    result = main.train(**dict(fast_options, max_epoch=10, batch_size=8, lr=2e-3))
+    # without random crops: on 56 photos at 32 px they slow learning enough that the
+    # best epoch's pick on 24 validation photos was a lucky one (14/20 on the test photos)
+    result = main.train(**dict(fast_options, max_epoch=10, batch_size=8, lr=2e-3, augment=False))
     best = max(result.history, key=lambda r: r['val_acc_cm'])  # the _best checkpoint
     assert best['val_acc_cm'] >= 90.0 and result.best_val_acc == best['val_acc_cm']
     assert best['val_cm'][0][0] > 0 and best['val_cm'][1][1] > 0  # both classes predicted
