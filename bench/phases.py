@@ -62,6 +62,11 @@ def link_train_and_test(folder, count):
     return folder
 
 
+# the feature-cache and test phases measure the older pretrained recipe's network (the
+# recipe itself now uses EfficientNetLite2 at 260 px), so the rows stay comparable
+LITE0 = dict(model='EfficientNetLite0', image_size=224, tta='none', select='best')
+
+
 def options(data, tmp, **extra):
     return dict(dict(train_data_root=os.path.join(data, 'train'),
                      test_data_root=os.path.join(data, 'test1'), vis=False, num_workers=0,
@@ -96,7 +101,8 @@ def efficientnet_phases(data, tmp, engine):
     from engine import builder
     from engine.feature_cache import compute_features
     from engine.onnx_engine import for_inference
-    opt = config.parse(options(data, tmp, recipe='pretrained', engine=engine), verbose=False)
+    opt = config.parse(options(data, tmp, recipe='pretrained', engine=engine, **LITE0),
+                       verbose=False)
     run = builder.for_training(opt, vis=False)
     network = for_inference(run)
     network = None if network is run.model else network  # torch: the pre-hook path
@@ -105,7 +111,7 @@ def efficientnet_phases(data, tmp, engine):
                          network=network)
     run.model.save(os.path.join(opt.checkpoint_dir, f'{opt.model}_best.pth'))
     with Timer() as test:
-        rows = main.test(**options(data, tmp, recipe='pretrained', engine=engine,
+        rows = main.test(**options(data, tmp, recipe='pretrained', engine=engine, **LITE0,
                                    result_file=os.path.join(tmp, 'result.csv')))
     return {f'feature cache (EfficientNetLite0 224 px, {engine})': features.row(len(run.train_data)),
             f'test (EfficientNetLite0 224 px, {engine})': test.row(len(rows))}
