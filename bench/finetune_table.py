@@ -84,8 +84,8 @@ def train_row(options):
     state = main.train(**options)
     seconds = time.time() - start
     records = state.history
-    chosen = records[-1] if options.get('select') == 'last' or options.get('recipe') == 'pretrained' \
-        else max(records, key=lambda r: r['val_acc_cm'])
+    select = main.config.parse(options, verbose=False).select  # the checkpoint val would use
+    chosen = records[-1] if select == 'last' else max(records, key=lambda r: r['val_acc_cm'])
     after = state.calibration[2] if state.calibration else None
     return cells(chosen['val_acc_cm'], chosen['val_acc_count'], chosen['val_log_loss'], after,
                  state.epoch, seconds)

@@ -10,16 +10,15 @@ Prints the wall time, img/s and the CPU time's kernel (sys) share.
 """
 import argparse
 import os
-import resource
 import sys
 import tempfile
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
 import main  # noqa: E402
+from bench.phases import Timer  # noqa: E402
 from bench.shared import SHARED_TRAIN  # noqa: E402
 from models import build_model  # noqa: E402
 
@@ -32,11 +31,6 @@ def link_test_folder(folder, count):
     return folder
 
 
-def cpu_times():
-    usage = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
-    return sum(u.ru_utime for u in usage), sum(u.ru_stime for u in usage)
-
-
 def main_cli():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--images', type=int, default=12500)
@@ -47,17 +41,14 @@ def main_cli():
         folder = link_test_folder(os.path.join(tmp, 'test1'), args.images)
         torch.manual_seed(0)
         path = build_model(args.model).save(os.path.join(tmp, f'{args.model}_best.pth'))
-        user, system = cpu_times()
-        start = time.time()
-        rows = main.test(model=args.model, image_size=args.size, load_model_path=path,
-                         test_data_root=folder, checkpoint_dir=tmp,
-                         result_file=os.path.join(tmp, 'result.csv'))
-        seconds = time.time() - start
-        user, system = (after - before for after, before in zip(cpu_times(), (user, system)))
+        with Timer() as timer:
+            rows = main.test(model=args.model, image_size=args.size, load_model_path=path,
+                             test_data_root=folder, checkpoint_dir=tmp,
+                             result_file=os.path.join(tmp, 'result.csv'))
     isa = os.environ.get('ONEDNN_MAX_CPU_ISA', 'native')
     print(f'test, {args.model} {args.size} px, {len(rows)} photos, ISA {isa}: '
-          f'{seconds / 60:.1f} min, {len(rows) / seconds:.1f} img/s, '
-          f'sys {100 * system / (user + system):.0f}% of CPU time')
+          f'{timer.seconds / 60:.1f} min, {len(rows) / timer.seconds:.1f} img/s, '
+          f'sys {100 * timer.sys_share:.0f}% of CPU time')
 
 
 if __name__ == '__main__':

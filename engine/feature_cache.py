@@ -199,8 +199,7 @@ def cache_point(model):
 
 def why_not_cached(run):
     """Why the frozen part's output cannot be computed once, or None when it can."""
-    model = run.model
-    if model.unfrozen == list(model.children()):
+    if run.opt.unfreeze == 'all':
         return '--unfreeze=all trains every layer, so there is no fixed part to cache'
     random = [name for name in random_transforms(run.train_loader.dataset)
               if not (name == 'RandomHorizontalFlip' and run.opt.augment == 'flip')]

@@ -5,7 +5,7 @@ import warnings
 import torch
 from torch import nn
 
-from utils.checkpoint import CheckpointError, atomic_save, read_checkpoint
+from utils.checkpoint import CheckpointError, atomic_save, checked_temperature, read_checkpoint
 from utils.errors import UserError
 
 # The normalisation ImageNet-trained networks expect; the dataset transforms read
@@ -34,13 +34,6 @@ def load_state_dict_checked(module, state_dict, source, name):
 
 def divide_by_temperature(module, inputs, logits):
     return logits if module.temperature == 1 else logits / module.temperature
-
-
-def checked_temperature(value, path):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1e3:
-        raise CheckpointError(f'{path!r}: its temperature is {value!r}, not a number > 0: the '
-                              f'file is damaged or hand-made')
-    return float(value)
 
 
 def kaiming_init(module):
@@ -169,11 +162,12 @@ class BasicModule(nn.Module):
     def last_blocks(self, count):
         if not count:
             return []
-        blocks = self.stages() and self.stages()[1]
-        if not blocks:
+        stages = self.stages()
+        if stages is None:
             raise UserError(f'--unfreeze=N is not available for {self.model_name}: use '
                             f'--unfreeze=all, or one of ResNet18, ResNet34Pretrained, '
                             f'MobileNetV2, EfficientNetLite0/1/2')
+        blocks = stages[1]
         if count > len(blocks):
             raise UserError(f'--unfreeze={count}: {self.model_name} has {len(blocks)} blocks; '
                             f'pass 1 to {len(blocks)}, or all')

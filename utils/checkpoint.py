@@ -199,6 +199,14 @@ def checked_fields(checkpoint):
     return fields
 
 
+def checked_temperature(value, path):
+    """The checkpoint's temperature (1 when absent), refused when not a number > 0."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1e3:
+        raise CheckpointError(f'{path!r}: its temperature is {value!r}, not a number > 0: the '
+                              f'file is damaged or hand-made')
+    return float(value)
+
+
 # Options that decide which images are validation images, or what the network sees:
 # resuming with other values would train on validation images, or on other inputs.
 SPLIT_AND_INPUT = ('train_data_root', 'seed', 'val_ratio', 'image_size', 'model', 'freeze')
