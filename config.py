@@ -31,10 +31,11 @@ RECIPES = {
     'cpu': dict(model='SmallResNet', image_size=96, preload=True, num_workers=0,
                 batch_size=64, optimizer='adamw', lr=2e-3, weight_decay=0.05,
                 label_smoothing=0.1, lr_schedule='cosine', max_epoch=26),
-    # ImageNet-pretrained EfficientNetLite2 at its own 260 px, frozen: features computed
-    # once, a linear head on a fixed cosine schedule, the last epoch evaluated (with its
-    # temperature) and mirror-image TTA (bench/finetune_table.py, rows E-J)
-    'pretrained': dict(model='EfficientNetLite2', image_size=260, freeze=True, augment=False,
+    # ImageNet-pretrained EfficientNetLite1 and Lite2 side by side at 260 px, frozen: the
+    # features of each photo and of its mirror image computed once, a linear head on a
+    # fixed cosine schedule, the last epoch evaluated (with its temperature) and
+    # mirror-image TTA (bench/finetune_table.py, rows E-K)
+    'pretrained': dict(model='EfficientNetLite1And2', image_size=260, freeze=True, augment='flip',
                        batch_size=64, lr=1e-3, lr_schedule='cosine', max_epoch=10,
                        select='last', tta='flip'),
 }
@@ -46,7 +47,7 @@ class DefaultConfig:
     vis = True  # plot to Visdom; False turns it off
     vis_server = DEFAULT_SERVER  # Visdom server address
     vis_port = DEFAULT_PORT  # Visdom server port
-    model = 'ResNet34'  # model class in models/ (from scratch: ResNet34, SmallResNet, AlexNet; pretrained: SqueezeNet, ResNet18, ResNet34Pretrained, MobileNetV2, EfficientNetLite0/1/2)
+    model = 'ResNet34'  # model class in models/ (from scratch: ResNet34, SmallResNet, AlexNet; pretrained: SqueezeNet, ResNet18, ResNet34Pretrained, MobileNetV2, EfficientNetLite0/1/2, EfficientNetLite1And2: Lite1 and Lite2 side by side)
     pretrained = True  # ImageNet weights for the pretrained models; False trains them from scratch (Kaiming init)
     weights = None  # local ImageNet state dict (.pth) for a pretrained model, instead of the download (offline machines, mirrors)
     freeze = False  # train only the classifier of a pretrained model; its backbone stays fixed

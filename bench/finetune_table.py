@@ -47,12 +47,16 @@ ROWS = [
           'head 1e-3, 6 epochs, cached)',
      dict(PROBE, model='EfficientNetLite0', unfreeze=2, max_epoch=6, backbone_lr=1e-4,
           classifier_lr=1e-3)),
-    ('H', '--recipe=pretrained: EfficientNetLite2 frozen, linear probe at 260 px',
+    ('H', 'EfficientNetLite2 frozen, linear probe at 260 px',
+     dict(PROBE, model='EfficientNetLite2', image_size=260)),
+    ('I', 'EfficientNetLite1And2 frozen (Lite1 and Lite2 side by side), linear probe at 260 px',
+     dict(PROBE, model='EfficientNetLite1And2', image_size=260)),
+    ('J', '--recipe=pretrained: I trained on each photo and its mirror image (--augment=flip)',
      dict(recipe='pretrained', tta='none')),
-    ('I', '--recipe=pretrained with another split (--seed=101)',
+    ('K', '--recipe=pretrained with another split (--seed=101)',
      dict(recipe='pretrained', tta='none', seed=101)),
 ]
-TTA_OF = ('H', 'I')  # rows whose checkpoint is also evaluated with --tta=flip
+TTA_OF = ('H', 'J', 'K')  # rows whose checkpoint is also evaluated with --tta=flip
 
 
 def mobilenet_weights():

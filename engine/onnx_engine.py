@@ -118,6 +118,10 @@ class OnnxNetwork:
         options.inter_op_num_threads = 1
         # no busy-waiting between batches: the data-loading workers need those cores
         options.add_session_config_entry('session.intra_op.allow_spinning', '0')
+        # no memory pattern: it plans one block per batch size seen (the last batch of an
+        # epoch differs) and the arena keeps them all; off, the peak stays that of one
+        # batch (EfficientNetLite1And2 at 260 px: 7.2 GB -> 4.3 GB), at the same speed
+        options.enable_mem_pattern = False
         try:
             self.session = ort.InferenceSession(source, options,
                                                 providers=['CPUExecutionProvider'])

