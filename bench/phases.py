@@ -7,7 +7,7 @@ way most laptops are (ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2
 ATEN_CPU_CAPABILITY=avx2: no AMX, no AVX-512, no native bf16), each in a fresh
 process. Phases, on the first --images shared Kaggle photos (half cats, half dogs),
 all built through engine.builder as `train`, `val` and `test` build them:
-  decode      --preload's one-time decoding at 96 px
+  decode      --preload's one-time decoding at 96 px; and at 224 px, all 15,000 photos
   bare step   SmallResNet 96 px train step on one batch, repeated (the model alone)
   train loop  one epoch of `fit`'s loop on the preloaded images (loader, meter, step)
   val         the validation pass of the same model
@@ -63,7 +63,7 @@ def link_train_and_test(folder, count):
 
 
 # the feature-cache and test phases measure the older pretrained recipe's network (the
-# recipe itself now uses EfficientNetLite2 at 260 px), so the rows stay comparable
+# recipe itself now uses EfficientNetLite1And2 at 260 px), so the rows stay comparable
 LITE0 = dict(model='EfficientNetLite0', image_size=224, tta='none', select='best')
 
 
@@ -95,6 +95,21 @@ def small_resnet_phases(data, tmp):
             'val (SmallResNet 96 px)': val.row(len(run.val_data))}
 
 
+def decode_at_scale(tmp):
+    """--preload's decoding of all 15,000 shared photos at 224 px (both splits), the
+    datasets alone: at 1,000 photos the fixed costs (forking the pool) weigh on the row."""
+    import config
+    from engine import builder
+    from models import build_model
+    opt = config.parse(options(tmp, tmp, recipe='cpu', image_size=224), verbose=False)
+    opt.train_data_root = SHARED_TRAIN
+    model = build_model(opt.model)
+    with Timer() as decode:
+        train_data, val_data = builder.datasets(opt, model)
+    return {'decode (--preload, 224 px, all 15,000 photos)':
+            decode.row(len(train_data) + len(val_data))}
+
+
 def efficientnet_phases(data, tmp, engine):
     import config
     import main
@@ -122,6 +137,7 @@ def measure_here(images):
     tmp = tempfile.mkdtemp(prefix='phases_')
     data = link_train_and_test(os.path.join(tmp, 'data'), images)
     rows = small_resnet_phases(data, os.path.join(tmp, 'small'))
+    rows.update(decode_at_scale(tmp))
     for engine in ('torch', 'onnx'):
         rows.update(efficientnet_phases(data, os.path.join(tmp, engine), engine))
     print(json.dumps(rows))

@@ -1,7 +1,7 @@
 """Wall time to 80/85/90/92/93% validation accuracy on the shared Kaggle images.
 
     python bench/time_to_accuracy.py --recipe=cpu        # SmallResNet, 96 px, preloaded
-    python bench/time_to_accuracy.py --recipe=pretrained # EfficientNetLite2, frozen, cached
+    python bench/time_to_accuracy.py --recipe=pretrained # EfficientNetLite1And2, frozen, cached
     python bench/time_to_accuracy.py --recipe=book --minutes=20 # capped: where did it get?
 
 Each recipe (config.RECIPES) trains through `main.train` (the project's own loop, meters, checkpoints)
