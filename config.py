@@ -66,7 +66,7 @@ class DefaultConfig:
     augment = True  # random crops and flips on training images (True), flips only (flip), or none (False); with flip or False, --freeze and --unfreeze cache the frozen part's output (both mirror images with flip)
     val_ratio = 0.3  # share of each class held out for validation
     seed = 100  # seeds the train/val split and the weight initialisation
-    preload = False  # decode every image once into RAM (uint8, 9/8 of image_size); epochs then skip JPEG decoding
+    preload = False  # decode every image once into RAM (uint8: 9/8 of image_size for random crops, else the centre crop); epochs then skip JPEG decoding
 
     batch_size = 32  # images per batch
     use_gpu = torch.cuda.is_available()  # train on the GPU (default: when one is present)

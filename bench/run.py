@@ -32,7 +32,7 @@ sys.path.insert(0, ROOT)
 
 from models.basic_module import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 from data.dataset import (decode_small, load_rgb,  # noqa: E402
-                          preload_size, preloaded_transforms)
+                          preload_sizes, preloaded_transforms)
 from models import build_model  # noqa: E402
 
 from bench.shared import SHARED_TRAIN as SHARED, link_subset  # noqa: E402
@@ -87,22 +87,24 @@ def pipeline_rows(paths, size, repeats, workers):
     """(what, baseline, its img/s, ours, our img/s): per image in one process for the
     train and the val/test transforms and the one-time decode, then through a
     DataLoader with `workers` processes."""
-    cached = [decode_small((p, preload_size(size))) for p in paths]
+    cached = {mode: [decode_small(p, *preload_sizes(mode, size)) for p in paths]
+              for mode in ('train', 'val')}
     rows = []
-    for mode, book in (('train', book_train_transform(size)), ('val/test', book_eval_transform(size))):
-        ours = preloaded_transforms(mode.split('/')[0], size)
+    for label, book in (('train', book_train_transform(size)), ('val/test', book_eval_transform(size))):
+        mode = label.split('/')[0]
+        ours = preloaded_transforms(mode, size)
         book_rate = median_rate(lambda: [book(load_rgb(p)) for p in paths], len(paths), repeats)
-        ours_rate = median_rate(lambda: [ours(c) for c in cached], len(paths), repeats)
-        rows.append((f'data, {mode} transforms, {size} px, 1 process',
+        ours_rate = median_rate(lambda: [ours(c) for c in cached[mode]], len(paths), repeats)
+        rows.append((f'data, {label} transforms, {size} px, 1 process',
                      'book: PIL decode + float transforms per image', book_rate,
                      'ours (--preload): uint8 crop (+flip) per epoch', ours_rate))
-    decode_rate = median_rate(lambda: [decode_small((p, preload_size(size))) for p in paths],
+    decode_rate = median_rate(lambda: [decode_small(p, *preload_sizes('train', size)) for p in paths],
                               len(paths), repeats)
     rows.append((f'data, one-time decode for --preload, {size} px',
                  'book: train transforms per image, every epoch', rows[0][2], 'ours: once per run',
                  decode_rate))
     book = Transformed(paths, load_rgb, book_train_transform(size))
-    ours = Transformed(cached, lambda c: c, preloaded_transforms('train', size))
+    ours = Transformed(cached['train'], lambda c: c, preloaded_transforms('train', size))
     rows.append((f'data, train transforms, {size} px, DataLoader, {workers} workers',
                  'book: PIL decode + float transforms per image', loader_rate(book, workers, repeats),
                  'ours (--preload)', loader_rate(ours, workers, repeats)))

@@ -30,8 +30,8 @@ def shared_images(count, size):
 
 
 def decode_in_processes(decode, paths, size, processes):
-    """decode(path, size) -> uint8 HWC array or a record saying why not, for every path
-    in forked processes: (uint8 tensor N x 3 x size x size, [None or the record, per
+    """decode(path) -> uint8 HWC array (size x size) or a record saying why not, for
+    every path in forked processes: (uint8 tensor N x 3 x size x size, [None or the record, per
     path]). A process that dies (killed, out of memory, SIGTERM) breaks the pool and
     that raises BrokenProcessPool at once: a multiprocessing.Pool would start a new
     process and wait forever for the lost work."""
@@ -65,7 +65,7 @@ def decode_into_shared(job):
     the decoder's record of why not (a Skipped), sent back as it is."""
     index, path = job
     decode, images = decoder
-    pixels = decode(path, images.shape[-1])
+    pixels = decode(path)
     if not isinstance(pixels, np.ndarray):
         return pixels
     # HWC -> CHW in numpy: a parallel torch op in a forked worker can deadlock in OpenMP

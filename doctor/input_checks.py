@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from torchvision import transforms as T
 
-from data.dataset import Skipped, decode_small, load_or_skip, preload_size
+from data.dataset import Skipped, decode_small, load_or_skip
 from doctor.common import FAIL, fmt, verdict
 from engine import builder
 
@@ -119,17 +119,17 @@ def check_normalisation(ctx):
 
 # The validation path ---------------------------------------------------------------
 
-def as_training_input(train_data, path, image_size):
+def as_training_input(train_data, path):
     """One file through the training transforms, in the form they expect (a decoded PIL
     image, or with --preload the uint8 tensor the cache would hold)."""
     if getattr(train_data, 'cache', None) is not None:
-        img = decode_small((path, preload_size(image_size)))
+        img = decode_small(path, *train_data.preload_sizes)
     else:
         img = load_or_skip(path)
     return None if isinstance(img, Skipped) else train_data.transforms(img)
 
 
-def same_images_both_ways(train_data, dataset, image_size, count=16):
+def same_images_both_ways(train_data, dataset, count=16):
     """([as served by `dataset`], [the same files through the training transforms])."""
     indices = np.linspace(0, len(dataset) - 1, min(count, len(dataset))).astype(int).tolist()
     served, trained = [], []
@@ -137,7 +137,7 @@ def same_images_both_ways(train_data, dataset, image_size, count=16):
         torch.manual_seed(0)
         for i in indices:
             item = dataset[i]
-            other = as_training_input(train_data, dataset.samples[i][0], image_size)
+            other = as_training_input(train_data, dataset.samples[i][0])
             if not isinstance(item, Skipped) and other is not None:
                 served.append(item[0])
                 trained.append(other)
@@ -218,14 +218,14 @@ def check_validation(ctx):
     """The same validation (and test) files through their own transforms and through the
     training ones: scale, normalisation and size must match; and the validation loader
     must serve the validation split."""
-    run, size = ctx.run, ctx.run.opt.image_size
+    run = ctx.run
     problems, warnings_, parts = loader_problems(run), [], []
     # training images that fail their own check are no reference: judge these on their own
     training_failed = getattr(ctx.result('normalisation'), 'status', None) == FAIL
     for split, dataset in (('val', run.val_data), ('test', test_split(run))):
         if dataset is None or not len(dataset):
             continue
-        served, trained = same_images_both_ways(run.train_data, dataset, size)
+        served, trained = same_images_both_ways(run.train_data, dataset)
         (served, bad), (trained, odd) = stacked(split, served), stacked('training', trained)
         problems += bad + odd
         if served is None or trained is None:

@@ -7,11 +7,13 @@ import warnings
 
 import pytest
 import torch
+from torchvision import transforms as T
 
 import main
 from conftest import ROOT
 from engine.schedules import warmup_cosine_factor
-from data.dataset import DogCat, SkippedFiles, Skipped, build_loader
+from data.dataset import (DogCat, SkippedFiles, Skipped, build_loader, decode_small,
+                          preload_sizes)
 from data.synthetic import make_labelled_images
 from models import SmallResNet
 
@@ -41,8 +43,12 @@ def test_preloaded_images_match_the_listing_and_skip_bad_files(tmp_path):
     plain = DogCat(str(tmp_path), mode='val', image_size=32)
     cached = DogCat(str(tmp_path), mode='val', image_size=32, preload=True, num_workers=2)
     assert cached.samples == plain.samples
-    assert all(c.dtype == torch.uint8 and c.shape == (3, 36, 36)
+    assert all(c.dtype == torch.uint8 and c.shape == (3, 32, 32)
                for c in cached.cache if not isinstance(c, Skipped))
+    # stored as the centre crop of the 9/8 square that training's random crops come from
+    margin = decode_small(cached.samples[0][0], *preload_sizes('train', 32))
+    assert margin.shape == (3, 36, 36)
+    assert torch.equal(cached.cache[0], T.functional.center_crop(margin, 32))
     loader = build_loader(cached, 4, False, 0)
     skipped = SkippedFiles()
     with warnings.catch_warnings(record=True):
