@@ -7,7 +7,8 @@ way most laptops are (ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2
 ATEN_CPU_CAPABILITY=avx2: no AMX, no AVX-512, no native bf16), each in a fresh
 process. Phases, on the first --images shared Kaggle photos (half cats, half dogs),
 all built through engine.builder as `train`, `val` and `test` build them:
-  decode      --preload's one-time decoding at 96 px; and at 224 px, all 15,000 photos
+  decode      --preload's one-time decoding at 96 px; and at 224 px, all 15,000 photos,
+              beside the kernel's cost of as much fresh memory with nothing decoded
   bare step   SmallResNet 96 px train step on one batch, repeated (the model alone)
   train loop  one epoch of `fit`'s loop on the preloaded images (loader, meter, step)
   val         the validation pass of the same model
@@ -18,11 +19,14 @@ children included).
 """
 import argparse
 import json
+import mmap
 import os
 import subprocess
 import sys
 import tempfile
 import time
+
+import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -97,7 +101,9 @@ def small_resnet_phases(data, tmp):
 
 def decode_at_scale(tmp):
     """--preload's decoding of all 15,000 shared photos at 224 px (both splits), the
-    datasets alone: at 1,000 photos the fixed costs (forking the pool) weigh on the row."""
+    datasets alone: at 1,000 photos the fixed costs (forking the pool) weigh on the row.
+    Then the same number of bytes of fresh shared memory, each page written once and
+    nothing decoded: the kernel time that any cache this size costs on this machine."""
     import config
     from engine import builder
     from models import build_model
@@ -105,9 +111,15 @@ def decode_at_scale(tmp):
                                train_data_root=SHARED_TRAIN), verbose=False)
     model = build_model(opt.model)
     with Timer() as decode:
-        train_data, val_data = builder.datasets(opt, model)
-    return {'decode (--preload, 224 px, all 15,000 photos)':
-            decode.row(len(train_data) + len(val_data))}
+        splits = builder.datasets(opt, model)
+    count = sum(len(split) for split in splits)
+    size = sum(len(split) * 3 * split.preload_sizes[1] ** 2 for split in splits)
+    del splits  # frees the cache: the next row gets as much fresh memory again
+    with Timer() as memory:
+        np.frombuffer(mmap.mmap(-1, size), np.uint8)[::mmap.PAGESIZE] = 1
+    return {'decode (--preload, 224 px, all 15,000 photos)': decode.row(count),
+            f'fresh shared memory alone, as much as that cache ({size / 1e9:.2f} GB)':
+            memory.row(count)}
 
 
 def efficientnet_phases(data, tmp, engine):
