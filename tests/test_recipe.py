@@ -14,6 +14,7 @@ from conftest import ROOT
 from engine.schedules import warmup_cosine_factor
 from data.dataset import (DogCat, SkippedFiles, Skipped, build_loader, decode_small,
                           preload_sizes)
+from data.preload import fault_in, shared_images
 from data.synthetic import make_labelled_images
 from models import SmallResNet
 
@@ -60,6 +61,21 @@ def test_preloaded_images_match_the_listing_and_skip_bad_files(tmp_path):
             assert images is None or images.dtype == torch.float32
     bad_in_val = sum('dog.3.jpg' in p for p, _ in cached.samples)
     assert count == len(cached) - bad_in_val and len(skipped.seen) == bad_in_val
+
+
+def resident_bytes():
+    with open('/proc/self/statm') as f:
+        return int(f.read().split()[1]) * os.sysconf('SC_PAGE_SIZE')
+
+
+@pytest.mark.skipif(not sys.platform.startswith('linux'), reason="Linux's MADV_POPULATE_WRITE")
+def test_a_run_of_preloaded_images_gets_its_pages_in_one_call():
+    images = shared_images(64, 128)  # 48 KiB an image
+    before = resident_bytes()
+    fault_in(images, 16, 32)
+    grown = resident_bytes() - before
+    assert abs(grown - 32 * images[0].nbytes) <= 16 * 4096
+    assert not images.any()
 
 
 def test_preload_in_worker_processes_after_torch_used_its_threads(tmp_path):
