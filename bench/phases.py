@@ -176,7 +176,7 @@ def main_():
     print(f'| phase ({args.images} photos) | ' + ' | '.join(f'{isa} img/s | {isa} sys %' for isa in runs) + ' |')
     print('|---|' + '---|---|' * len(runs))
     for phase in next(iter(runs.values())):
-        cells = ' | '.join(f'{r[phase]["rate"]:.1f} | {100 * r[phase]["sys"]:.0f}%' for r in runs.values())
+        cells = ' | '.join(f'{r[phase]["rate"]:.1f} | {100 * r[phase]["sys"]:.1f}%' for r in runs.values())
         print(f'| {phase} | {cells} |')
 
 
