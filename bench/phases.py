@@ -7,8 +7,8 @@ way most laptops are (ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2
 ATEN_CPU_CAPABILITY=avx2: no AMX, no AVX-512, no native bf16), each in a fresh
 process. Phases, on the first --images shared Kaggle photos (half cats, half dogs),
 all built through engine.builder as `train`, `val` and `test` build them:
-  decode      --preload's one-time decoding at 96 px; and at 224 px, all 15,000 photos,
-              beside the kernel's cost of as much fresh memory with nothing decoded
+  decode      --preload's one-time decoding at 96 px; then of all 15,000 photos at 96 and
+              224 px, each beside the kernel's cost of as much fresh memory, nothing decoded
   bare step   SmallResNet 96 px train step on one batch, repeated (the model alone)
   train loop  one epoch of `fit`'s loop on the preloaded images (loader, meter, step)
   val         the validation pass of the same model
@@ -99,15 +99,15 @@ def small_resnet_phases(data, tmp):
             'val (SmallResNet 96 px)': val.row(len(run.val_data))}
 
 
-def decode_at_scale(tmp):
-    """--preload's decoding of all 15,000 shared photos at 224 px (both splits), the
+def decode_at_scale(tmp, image_size):
+    """--preload's decoding of all 15,000 shared photos (both splits), the
     datasets alone: at 1,000 photos the fixed costs (forking the pool) weigh on the row.
     Then the same number of bytes of fresh shared memory, each page written once and
     nothing decoded: the kernel time that any cache this size costs on this machine."""
     import config
     from engine import builder
     from models import build_model
-    opt = config.parse(options(tmp, tmp, recipe='cpu', image_size=224,
+    opt = config.parse(options(tmp, tmp, recipe='cpu', image_size=image_size,
                                train_data_root=SHARED_TRAIN), verbose=False)
     model = build_model(opt.model)
     with Timer() as decode:
@@ -117,7 +117,7 @@ def decode_at_scale(tmp):
     del splits  # frees the cache: the next row gets as much fresh memory again
     with Timer() as memory:
         np.frombuffer(mmap.mmap(-1, size), np.uint8)[::mmap.PAGESIZE] = 1
-    return {'decode (--preload, 224 px, all 15,000 photos)': decode.row(count),
+    return {f'decode (--preload, {image_size} px, all 15,000 photos)': decode.row(count),
             f'fresh shared memory alone, as much as that cache ({size / 1e9:.2f} GB)':
             memory.row(count)}
 
@@ -149,7 +149,8 @@ def measure_here(images):
     tmp = tempfile.mkdtemp(prefix='phases_')
     data = link_train_and_test(os.path.join(tmp, 'data'), images)
     rows = small_resnet_phases(data, os.path.join(tmp, 'small'))
-    rows.update(decode_at_scale(tmp))
+    for image_size in (96, 224):
+        rows.update(decode_at_scale(tmp, image_size))
     for engine in ('torch', 'onnx'):
         rows.update(efficientnet_phases(data, os.path.join(tmp, engine), engine))
     print(json.dumps(rows))
