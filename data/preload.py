@@ -81,7 +81,7 @@ def fault_in(images, first, count):
     """Ask the kernel for the pages under images[first:first + count] of the shared
     array in one call, instead of one page fault per 4 KB as they are written. Where the
     kernel cannot (before Linux 5.14, other systems), the writes fault them in."""
-    if not sys.platform.startswith('linux') or not count:
+    if not sys.platform.startswith('linux'):
         return
     begin, length = first * images[0].nbytes, count * images[0].nbytes
     page = begin // mmap.PAGESIZE * mmap.PAGESIZE
