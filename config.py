@@ -93,6 +93,7 @@ class DefaultConfig:
     momentum = 0.9  # SGD momentum (sgd only)
     lr_decay = 0.95  # when an epoch's loss rises, lr = lr * lr_decay
     lr_schedule = 'loss'  # loss: the book's rule above; cosine: warm-up over 10% of the steps, then cosine to 0
+    progressive = False  # progressive resizing: train on images shrunk to 2/3 of image_size for the first half of the schedule, 5/6 until three quarters, then full size (early epochs 1.4-2.2x faster; validation always at image_size); needs --lr_schedule=cosine or --time_budget, and a network trained on images (not --freeze/--unfreeze)
     label_smoothing = 0.0  # CrossEntropyLoss label smoothing (0.1 in the CPU recipe)
     weight_decay = 0e-5  # L2 penalty
 
@@ -184,6 +185,14 @@ def check_values(opt):
     for key, valid, what in RANGES:
         if not valid(getattr(opt, key)):
             raise ConfigError(f'--{key} must be {what}, not {getattr(opt, key)!r}')
+    if opt.progressive and opt.lr_schedule != 'cosine' and not opt.time_budget:
+        raise ConfigError('--progressive grows the image size along the schedule: it needs '
+                          '--lr_schedule=cosine or --time_budget=MINUTES (the book\'s '
+                          'loss-triggered schedule has no end to grow towards)')
+    if opt.progressive and (opt.freeze or opt.unfreeze):
+        raise ConfigError('--progressive resizes the images a network trains on: with '
+                          '--freeze or --unfreeze the head trains on cached features. '
+                          'Drop one of them')
 
 
 def parse(kwargs, verbose=True):

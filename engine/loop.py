@@ -19,6 +19,7 @@ from engine.calibration import calibrate
 from engine.feature_cache import use_cached_features
 from engine.interpret import TopMistakes, epoch_mistakes, in_order_batches
 from engine.report import epoch_record, report_epoch
+from engine.schedules import progressive_size
 from utils import checkpoint, distributed
 from utils.errors import UserError
 from utils.meters import ClassificationMeter
@@ -78,6 +79,9 @@ def train_one_epoch(run, model, state, stop=None):
         if images is not None and len(images) >= 2:  # BatchNorm cannot train on one image
             if run.vis is not None and meter.total == 0 and images.dim() == 4:
                 show_batch(run, images, targets, state.epoch)
+            if run.opt.progressive:
+                images = shrunk(images, progressive_size(run.opt.image_size,
+                                                         run.scheduler.progress()))
             try:
                 scores, loss = run.step(model, run.optimizer, run.criterion, images, targets,
                                         run.placement)
@@ -97,6 +101,14 @@ def train_one_epoch(run, model, state, stop=None):
                                 run.placement.device):
             break
     return meter
+
+
+def shrunk(images, size):
+    """The batch resized to size x size (antialiased, as a photo taken smaller would be)."""
+    if images.shape[-1] == size:
+        return images
+    return nn.functional.interpolate(images, size=(size, size), mode='bilinear',
+                                     antialias=True, align_corners=False)
 
 
 def until_workers_lost(batches, stop):

@@ -50,7 +50,12 @@ class WarmupCosine(lr_scheduler.LambdaLR):
     per_step = True
 
     def __init__(self, optimizer, total_steps):
+        self.total_steps = total_steps
         super().__init__(optimizer, lambda step: warmup_cosine_factor(step, total_steps))
+
+    def progress(self):
+        """0 at the first step, 1 at the last."""
+        return min(1.0, self.last_epoch / max(1, self.total_steps))
 
 
 class TimeBudget:
@@ -96,6 +101,9 @@ class WallClockCosine(lr_scheduler.LRScheduler):
         factor = wall_clock_factor(self.budget.progress())
         return [base * factor for base in self.base_lrs]
 
+    def progress(self):
+        return self.budget.progress()
+
     def state_dict(self):
         return {key: value for key, value in super().state_dict().items() if key != 'budget'}
 
@@ -104,6 +112,15 @@ def wall_clock_factor(progress, warmup=0.1):
     if progress < warmup:
         return max(progress / warmup, 0.01)
     return 0.5 * (1 + math.cos(math.pi * (progress - warmup) / (1 - warmup)))
+
+
+def progressive_size(image_size, progress):
+    """--progressive: the side of the training images at this point of the schedule
+    (0 to 1): 2/3 of image_size for the first half, 5/6 until three quarters, then the
+    full size, so that the last quarter, at low learning rates, adapts the network to
+    the size it is validated at. Multiples of 8, at least 16."""
+    share = 2 / 3 if progress < 0.5 else 5 / 6 if progress < 0.75 else 1
+    return max(16, round(image_size * share / 8) * 8)
 
 
 def make_scheduler(name, optimizer, lr_decay, total_steps, budget=None):

@@ -10,11 +10,12 @@ from .basic_module import BasicModule, kaiming_init
 
 
 class DownsampleShortcut(nn.Sequential):
-    """Average-pool then 1x1 conv: unlike a strided 1x1 conv it sees every pixel."""
+    """Average-pool then 1x1 conv: unlike a strided 1x1 conv it sees every pixel. The
+    pool rounds an odd side up, as the block's strided 3x3 conv does (any image size)."""
 
     def __init__(self, in_channels, out_channels, stride):
         super().__init__(
-            nn.AvgPool2d(stride, stride) if stride > 1 else nn.Identity(),
+            nn.AvgPool2d(stride, stride, ceil_mode=True) if stride > 1 else nn.Identity(),
             nn.Conv2d(in_channels, out_channels, 1, bias=False),
             nn.BatchNorm2d(out_channels))
 

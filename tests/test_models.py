@@ -11,7 +11,7 @@ ALL_MODELS = sorted({**FROM_SCRATCH, **PRETRAINED})
 
 
 @pytest.mark.parametrize('name', ALL_MODELS)
-@pytest.mark.parametrize('size', [64, 112])
+@pytest.mark.parametrize('size', [64, 100, 112])  # 100: odd sides inside the network
 def test_every_model_gives_raw_logits_at_any_size(name, size):
     torch.manual_seed(0)
     model = build_model(name, pretrained=False).eval()

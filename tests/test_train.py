@@ -238,6 +238,30 @@ def test_time_budget_trains_by_the_clock_and_ends_in_time(fast_options):
     assert checkpoint['seconds'] == pytest.approx(state.seconds)
 
 
+def test_progressive_resizing_grows_the_training_images_and_validates_at_full_size(fast_options):
+    """--progressive: 2/3 of --image_size for the first half of the cosine schedule, 5/6
+    until three quarters, the full size at the end; validation always at full size."""
+    run = builder.for_training(config.parse(dict(fast_options, image_size=48, max_epoch=4,
+                                                 lr_schedule='cosine', progressive=True),
+                                            verbose=False))
+    trained, validated = [], []
+    run.model.register_forward_pre_hook(
+        lambda model, args: (trained if model.training else validated).append(args[0].shape[-1]))
+    with GracefulStop() as stop:
+        fit(run, stop)
+    assert trained[0] == 32 and 40 in trained and trained[-1] == 48
+    assert trained == sorted(trained)
+    assert set(validated) == {48}
+
+
+def test_progressive_needs_a_schedule_with_an_end_and_a_network_on_images(fast_options):
+    with pytest.raises(config.ConfigError, match='--lr_schedule=cosine or --time_budget'):
+        config.parse(dict(fast_options, progressive=True), verbose=False)
+    with pytest.raises(config.ConfigError, match='--freeze or --unfreeze'):
+        config.parse(dict(fast_options, progressive=True, time_budget=1, freeze=True,
+                          model='EfficientNetLite0'), verbose=False)
+
+
 def test_a_resumed_budget_only_has_what_is_left():
     budget = TimeBudget(10, started=time.monotonic(), used=9 * 60)
     assert 0.9 < budget.progress() < 1.0 and not budget.exhausted()
