@@ -80,7 +80,9 @@ def small_resnet_phases(data, tmp):
     import config
     from engine import builder
     from engine.loop import TrainState, evaluate, train_one_epoch
-    opt = config.parse(options(data, tmp, recipe='cpu', max_epoch=1), verbose=False)
+    # at full size throughout, so that the loop compares with the bare step at 96 px
+    opt = config.parse(options(data, tmp, recipe='cpu', max_epoch=1, progressive=False),
+                       verbose=False)
     with Timer() as decode:
         run = builder.for_training(opt, vis=False)
     images, targets, _ = next(iter(run.train_loader))
